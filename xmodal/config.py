@@ -1,0 +1,227 @@
+"""Typed run configuration: dataclasses loaded from YAML, with ``--set key=value`` overrides.
+
+Defaults run on a laptop (2 CPU cores, small encoders, 32 px). The paper's GPU setups live in
+``configs/paper_*.yaml``. Unknown keys are errors that name the key and the file, never ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class AugmentConfig:
+    """Paired augmentations (applied per batch, seeded). Probabilities/strengths; 0 disables."""
+
+    flip: float = 0.5  # flip image horizontally AND reverse the profile (the paper's paired aug)
+    resized_crop: float = 0.5  # probability of a random resized crop of the image
+    crop_scale_min: float = 0.6
+    brightness: float = 0.2
+    contrast: float = 0.2
+    amplitude: float = 0.1  # profile per-channel gain jitter (log space), fraction
+    band_drop: float = 0.1  # probability of zeroing one profile channel
+    temporal_crop: float = 0.2  # probability of cropping the profile in time before resampling
+    temporal_crop_min: float = 0.8
+
+
+@dataclass
+class DataConfig:
+    train: str = "demo_out/data/uto"  # Parquet folder of (unlabelled) paired particles
+    val: str = ""  # labelled Parquet folder for the validation gallery k-NN score; "" = none
+    image_size: int = 32
+    profile_length: int = 64  # profiles are resampled to this many samples
+    val_max_particles: int = 2000
+    seed: int = 0
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class ModelConfig:
+    image_encoder: str = "resnet10t"  # any timm model name
+    image_kwargs: dict[str, Any] = field(default_factory=dict)
+    profile_encoder: str = "cnn"  # registered profile encoder: cnn | lstm | transformer
+    profile_kwargs: dict[str, Any] = field(default_factory=dict)
+    embed_dim: int = 128
+    metadata: bool = True  # append original H, W (image) and length (profile) before the projection
+    pretrained_path: str = ""  # local weights file for the image encoder (never a hub download)
+
+
+@dataclass
+class LossConfig:
+    name: str = "clip"  # registered loss: clip | siglip | dino
+    logit_scale: float = math.e  # initial scale (1/temperature); the paper's e
+    learnable_scale: bool = True
+    max_logit_scale: float = 100.0
+    logit_bias: float = -10.0  # siglip only
+    buckets: int = 1  # >1 restricts negatives to sub-batches (the paper's "buckets")
+    kwargs: dict[str, Any] = field(default_factory=dict)  # loss-specific extras (e.g. DINO settings)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # sgd (Nesterov, the paper's) | adamw
+    lr: float = 2e-3
+    momentum: float = 0.9
+    weight_decay: float = 1e-3
+    warmup_epochs: float = 1.0
+    epochs: int = 4
+    batch_size: int = 128  # global batch, split across workers
+    grad_accum: int = 1
+
+
+@dataclass
+class TrainConfig:
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    compile: bool = False
+    channels_last: bool = True  # CUDA only
+    checkpoint_every: int = 1  # epochs
+    log_every: int = 10  # steps
+    max_failures: int = 2
+    storage_path: str = "runs"
+    name: str = ""  # run name; same name resumes
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    combos: list[str] = field(default_factory=lambda: ["I-I", "P-P", "I+P-I+P"])
+    gallery_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    val_n: int = 4  # gallery size used for the per-epoch validation score
+    val_combo: str = "I+P-I+P"  # the score that selects the best checkpoint (and Tune's objective)
+    k: int = 3
+    repeats: int = 5
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return _from_dict(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if value is None else _coerce(value, args[0], where)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is str and isinstance(value, str):
+        return value
+    raise ConfigError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(names)}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``optim.lr=0.01`` -> (["optim", "lr"], 0.01); the value is parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. optim.lr=0.01")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | list[str]) -> dict[str, Any]:
+    """Apply dotted overrides, given as ``["a.b=1", ...]`` or ``{"a.b": 1}``, to a nested dict."""
+    items = (
+        [parse_override(o) for o in overrides]
+        if isinstance(overrides, list)
+        else [(k.split("."), v) for k, v in overrides.items()]
+    )
+    out = _merge({}, data)
+    for path, value in items:
+        node = out
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {'.'.join(path)}: '{p}' is not a section")
+        node[path[-1]] = value
+    return out
+
+
+def config_from_dict(data: dict[str, Any], where: str = "config") -> Config:
+    """Defaults, updated by ``data``; errors are prefixed with ``where`` (usually the file)."""
+    merged = _merge(Config().to_dict(), data or {})
+    try:
+        return _from_dict(Config, merged, "")
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Config:
+    """Load ``path`` (YAML; None = laptop defaults) and apply ``--set`` overrides."""
+    data: dict[str, Any] = {}
+    where = "defaults"
+    if path:
+        where = str(path)
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    if overrides:
+        data = apply_overrides(data, overrides)
+    return config_from_dict(data, where)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

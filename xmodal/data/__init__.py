@@ -1,0 +1,1 @@
+"""Data: the particle schema, readers, the synthetic generator, ingest, transforms, Ray Data pipeline."""

@@ -1,0 +1,43 @@
+# Every target does its own set-up on a fresh machine: `make demo` and `make test` depend on `install`.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+EXTRAS  ?= cpu,dev
+DEMO    ?= demo_out
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: install demo test test-fast bench lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -e '.[$(EXTRAS)]'
+	touch $@
+
+# The main job end to end on local Ray: synthetic data -> Parquet -> pretraining -> embeddings -> gallery k-NN table.
+demo: install
+	rm -rf $(DEMO)
+	$(BIN)/xmodal synth $(DEMO)/raw --lab 1200 --sea 600 --uto 4000 --seed 0 --image-size 64
+	$(BIN)/xmodal ingest $(DEMO)/raw $(DEMO)/data
+	$(BIN)/xmodal pretrain --config configs/laptop.yaml --name demo \
+		--set data.train=$(DEMO)/data/UTO --set data.val=$(DEMO)/data/SEA --set train.storage_path=$(DEMO)/runs
+	$(BIN)/xmodal embed --checkpoint $(DEMO)/runs/demo --data $(DEMO)/data/LAB --out $(DEMO)/emb/LAB
+	$(BIN)/xmodal benchmark --embeddings $(DEMO)/emb/LAB --out $(DEMO)/benchmark --combos I-I P-P I+P-I+P I-P P-I
+	@echo "run folder: $(DEMO)/runs/demo   results: $(DEMO)/benchmark/results.md"
+
+test: install
+	$(BIN)/python -m pytest -q --timeout=900 tests
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+bench: install
+	for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+lint: install
+	$(BIN)/ruff check xmodal tests bench
+
+clean:
+	rm -rf $(DEMO) runs .pytest_cache

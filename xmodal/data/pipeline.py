@@ -1,0 +1,88 @@
+"""Ray Data pipelines: Parquet shards -> preprocessed, augmented model batches.
+
+Decode, resize-and-pad, profile normalisation/resampling and the paired augmentations all run in
+``map_batches`` on Ray Data's CPU tasks, so training workers only receive ready float tensors
+(heavy work never runs in a collate function or in the training process).
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from itertools import count
+from typing import Any
+
+import numpy as np
+
+from xmodal.config import DataConfig
+from xmodal.data.schema import parquet_files, read_table
+from xmodal.data.transforms import Augment, to_model_batch
+
+COLUMNS = ["particle_id", "has_image", "image", "image_height", "image_width", "has_profile", "profile",
+           "profile_length"]
+_calls = count()
+
+
+def _batch_rng(seed: int, particle_ids: Any) -> np.random.Generator:
+    """Seeded per batch from the config seed and the batch's particles; the process id and a
+    per-process call counter make each epoch's draw differ (Ray Data streams batches in varying
+    order, so runs are statistically, not bitwise, reproducible)."""
+    ids = zlib.crc32("|".join(map(str, particle_ids[:4])).encode())
+    return np.random.default_rng([seed, ids, os.getpid(), next(_calls)])
+
+
+def preprocess_batch(batch: dict[str, Any], image_size: int, profile_length: int,
+                     augment: Augment | None, seed: int) -> dict[str, np.ndarray]:
+    rng = _batch_rng(seed, batch["particle_id"]) if augment is not None else None
+    return to_model_batch(batch, image_size, profile_length, augment, rng)
+
+
+def paired_only(batch: dict[str, Any]) -> dict[str, Any]:
+    """Pretraining needs both modalities; profile-only / image-only rows are for embedding."""
+    keep = np.asarray(batch["has_image"], bool) & np.asarray(batch["has_profile"], bool)
+    return {k: v[keep] for k, v in batch.items()}
+
+
+def train_dataset(cfg: DataConfig, augment: bool = True, batch_size: int = 64):
+    """Paired particles of ``cfg.train`` as a lazy Ray Dataset of model batches."""
+    import ray.data
+
+    files = [str(f) for f in parquet_files(cfg.train)]
+    ds = ray.data.read_parquet(files, columns=COLUMNS)
+    ds = ds.map_batches(paired_only, batch_format="numpy")
+    aug = Augment.from_config(cfg.augment) if augment else None
+    return ds.map_batches(
+        preprocess_batch,
+        batch_size=batch_size,
+        batch_format="numpy",
+        fn_kwargs={"image_size": cfg.image_size, "profile_length": cfg.profile_length, "augment": aug,
+                   "seed": cfg.seed},
+    )
+
+
+def load_labelled(path: str, image_size: int, profile_length: int, max_particles: int = 0,
+                  seed: int = 0) -> dict[str, np.ndarray]:
+    """A small labelled set, preprocessed in-process (no augmentation): validation galleries.
+
+    Unlabelled rows are dropped; ``max_particles`` caps the set with a seeded, class-stratified
+    subsample so rare classes stay represented.
+    """
+    table = read_table(path, columns=COLUMNS + ["label", "domain"])
+    labels = np.asarray(table.column("label").to_pylist(), dtype=object)
+    idx = np.flatnonzero(labels != None)  # noqa: E711 (element-wise None test)
+    if max_particles and len(idx) > max_particles:
+        # shuffle, then order by each particle's rank within its class: the first picks cover every class
+        idx = np.random.default_rng(seed).permutation(idx)
+        rank = np.zeros(len(idx), dtype=np.int64)
+        seen: dict[Any, int] = {}
+        for j, lab in enumerate(labels[idx]):
+            rank[j] = seen.get(lab, 0)
+            seen[lab] = rank[j] + 1
+        idx = np.sort(idx[np.argsort(rank, kind="stable")[:max_particles]])
+    cols = {c: table.column(c).take(idx).to_numpy(zero_copy_only=False) for c in COLUMNS}
+    cols["profile"] = table.column("profile").take(idx).to_pylist()
+    batch = to_model_batch(cols, image_size, profile_length)
+    batch["label"] = labels[idx]
+    batch["particle_id"] = np.asarray(cols["particle_id"], dtype=object)
+    batch["domain"] = table.column("domain").take(idx).to_numpy(zero_copy_only=False)
+    return batch

@@ -1,0 +1,28 @@
+"""Connecting to Ray: an existing cluster (``--address auto``/``ray://``, or inside ``ray job submit``)
+or a local cluster started in-process sized to this machine."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: Any) -> None:
+    """Idempotent. With no address and no RAY_ADDRESS, start a local cluster (CPUs of this machine).
+
+    Inside ``ray job submit`` Ray sets RAY_ADDRESS, so the same command joins the cluster unchanged.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Ray Data prints a live progress table meant for terminals; plain lines read better in logs.
+    ctx_kwargs: dict[str, Any] = {"log_to_driver": True, **kwargs}
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address or os.environ["RAY_ADDRESS"], **ctx_kwargs)
+    else:
+        ray.init(num_cpus=num_cpus or os.cpu_count(), **ctx_kwargs)
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = os.environ.get("XMODAL_PROGRESS_BARS") == "1"

@@ -1,0 +1,168 @@
+"""The per-worker training loop that Ray Train runs on every worker (DDP across workers)."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+
+from xmodal.config import Config, config_from_dict
+from xmodal.train.checkpoint import load_checkpoint, save_checkpoint
+from xmodal.train.metrics import MetricsLogger, progress_line
+from xmodal.train.optim import build_optimizer, build_scheduler
+
+TENSOR_KEYS = ("image", "image_meta", "profile", "profile_mask", "profile_meta", "has_image", "has_profile")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def check_finite(loss: torch.Tensor, batch: dict[str, torch.Tensor], module: torch.nn.Module, step: int) -> None:
+    """Stop with an error that names the step and the first non-finite tensor (input or parameter)."""
+    if torch.isfinite(loss).all():
+        return
+    bad = [k for k, v in batch.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if not bad:
+        bad = [f"parameter {n}" for n, p in module.named_parameters() if not torch.isfinite(p).all()][:5]
+    where = ", ".join(bad) if bad else "the loss itself (inputs and parameters are finite)"
+    raise NonFiniteLossError(f"step {step}: loss is {loss.item()}; non-finite tensor(s): {where}")
+
+
+def _autocast(device: torch.device, precision: str):
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+
+def _allreduce_sum(values: list[float], device: torch.device) -> list[float]:
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from xmodal.models.build import build_model
+    from xmodal.train.validate import validate
+
+    cfg: Config = config_from_dict(loop_config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.train.seed + rank)
+    device = ray.train.torch.get_device()
+
+    module = build_model(cfg)
+    start_epoch, global_step, resume = 0, 0, None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            resume = load_checkpoint(d)
+        module.load_state_dict(resume["model"])
+        start_epoch, global_step = resume["epoch"], resume["global_step"]
+    module.to(device)
+    if device.type == "cuda" and cfg.train.channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    forward_module = torch.compile(module) if cfg.train.compile else module
+    model = ray.train.torch.prepare_model(forward_module, move_to_device=False) if world > 1 else forward_module
+
+    per_worker_bs = max(1, cfg.optim.batch_size // world)
+    micro_bs = max(1, per_worker_bs // cfg.optim.grad_accum)
+    steps_per_epoch = max(1, loop_config["n_train"] // world // per_worker_bs)
+    optimizer = build_optimizer(module.param_groups(cfg.optim.weight_decay), cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch)
+    if resume is not None and "optimizer" in resume:
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+
+    logger = MetricsLogger(loop_config["run_dir"]) if rank == 0 else None
+    val_data = loop_config.get("val")
+    if val_data is not None and not isinstance(val_data, dict):
+        val_data = ray.get(val_data)
+    shard = ray.train.get_dataset_shard("train")
+    total_steps = cfg.optim.epochs * steps_per_epoch
+    t_run = time.time()
+    if rank == 0 and start_epoch > 0:
+        print(f"[xmodal] resuming from epoch {start_epoch} (step {global_step})", flush=True)
+
+    for epoch in range(start_epoch, cfg.optim.epochs):
+        model.train()
+        t_epoch = time.time()
+        wait = samples = loss_sum = 0.0
+        n_micro = 0
+        stats_sum: dict[str, float] = {}
+        t_fetch = time.time()
+        it = shard.iter_torch_batches(batch_size=micro_bs, drop_last=True, prefetch_batches=2, device=device)
+        for batch in it:
+            wait += time.time() - t_fetch
+            batch = {k: batch[k] for k in TENSOR_KEYS}
+            if device.type == "cuda" and cfg.train.channels_last:
+                batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
+            last_micro = (n_micro + 1) % cfg.optim.grad_accum == 0
+            sync = nullcontext() if last_micro or world == 1 else model.no_sync()
+            with sync, _autocast(device, cfg.train.precision):
+                loss, stats = model(batch)
+            check_finite(loss, batch, module, global_step)
+            with sync:
+                (loss / cfg.optim.grad_accum).backward()
+            n_micro += 1
+            samples += batch["image"].shape[0]
+            loss_sum += loss.item()
+            for k, v in stats.items():
+                stats_sum[k] = stats_sum.get(k, 0.0) + float(v)
+            if last_micro:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                global_step += 1
+                module.after_step(global_step / max(1, total_steps))
+                if rank == 0 and global_step % cfg.train.log_every == 0:
+                    logger.log("step", global_step, {"loss": loss.item(), "lr": scheduler.get_last_lr()[0],
+                                                    **{k: float(v) for k, v in stats.items()}})
+            t_fetch = time.time()
+        elapsed = time.time() - t_epoch
+        tot_samples, tot_time, tot_wait, tot_loss, tot_micro = _allreduce_sum(
+            [samples, elapsed, wait, loss_sum, float(n_micro)], device)
+        metrics: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "global_step": global_step,
+            "train_loss": tot_loss / max(1.0, tot_micro),
+            "lr": scheduler.get_last_lr()[0],
+            "samples_per_s": tot_samples / max(1e-9, tot_time / world),
+            "samples_per_s_worker": samples / max(1e-9, elapsed),
+            "data_wait_frac": tot_wait / max(1e-9, tot_time),
+            **{f"train_{k}" if k != "logit_scale" and k != "logit_bias" else k: v / max(1, n_micro)
+               for k, v in stats_sum.items() if k != "loss"},
+        }
+        if not math.isfinite(metrics["train_loss"]):
+            raise NonFiniteLossError(f"epoch {epoch + 1}: mean training loss is not finite")
+        is_ckpt_epoch = (epoch + 1) % cfg.train.checkpoint_every == 0 or epoch + 1 == cfg.optim.epochs
+        if rank == 0:
+            if val_data is not None:
+                metrics.update(validate(module, val_data, cfg, device))
+            metrics.setdefault("val_score", -metrics["train_loss"])  # no labelled set: rank by loss
+            logger.log("epoch", epoch + 1, metrics)
+            print("[xmodal] " + progress_line(epoch, cfg.optim.epochs, metrics, time.time() - t_run,
+                                               epoch + 1 - start_epoch), flush=True)
+            if is_ckpt_epoch:
+                with tempfile.TemporaryDirectory() as tmp:
+                    save_checkpoint(tmp, cfg, module, epoch + 1, global_step, optimizer, scheduler,
+                                    {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+                    ray.train.report(_reportable(metrics), checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            else:
+                ray.train.report(_reportable(metrics))
+        else:
+            ray.train.report(_reportable(metrics))
+    if logger is not None:
+        logger.close()
+
+
+def _reportable(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}

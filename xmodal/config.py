@@ -6,6 +6,7 @@ Defaults run on a laptop (2 CPU cores, small encoders, 32 px). The paper's GPU s
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import types
@@ -186,7 +187,7 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | list[str])
         if isinstance(overrides, list)
         else [(k.split("."), v) for k, v in overrides.items()]
     )
-    out = _merge({}, data)
+    out = copy.deepcopy(data)
     for path, value in items:
         node = out
         for p in path[:-1]:

@@ -1,0 +1,31 @@
+"""``build_model(cfg)``: the one entry point from a run config to a trainable ``XModalModule``."""
+
+from __future__ import annotations
+
+from xmodal.config import Config
+from xmodal.data.schema import N_CHANNELS
+from xmodal.models.base import XModalModule
+from xmodal.models.crossmodal import CrossModalModel
+from xmodal.models.image import build_backbone
+from xmodal.models.losses import ContrastiveLoss
+from xmodal.models.registries import LOSSES, PROFILE_ENCODERS
+
+
+def build_model(cfg: Config) -> XModalModule:
+    """The cross-modal model named by ``cfg.model`` and ``cfg.loss`` (clip or siglip)."""
+    m = cfg.model
+    loss = LOSSES.build(cfg.loss.name, cfg=cfg.loss)
+    image_encoder, image_dim = build_backbone(
+        m.image_encoder, cfg.data.image_size, m.pretrained_path, **m.image_kwargs
+    )
+    if not isinstance(loss, ContrastiveLoss):
+        raise TypeError(
+            f"loss '{cfg.loss.name}' built a {type(loss).__name__}, which no model here can train"
+        )
+    try:
+        profile_encoder = PROFILE_ENCODERS.build(
+            m.profile_encoder, in_channels=N_CHANNELS, length=cfg.data.profile_length, **m.profile_kwargs
+        )
+    except TypeError as e:
+        raise TypeError(f"model.profile_kwargs for '{m.profile_encoder}': {e}") from e
+    return CrossModalModel(image_encoder, image_dim, profile_encoder, m.embed_dim, m.metadata, loss)

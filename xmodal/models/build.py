@@ -6,18 +6,28 @@ from xmodal.config import Config
 from xmodal.data.schema import N_CHANNELS
 from xmodal.models.base import XModalModule
 from xmodal.models.crossmodal import CrossModalModel
+from xmodal.models.dino import DinoLoss, DinoModel
 from xmodal.models.image import build_backbone
 from xmodal.models.losses import ContrastiveLoss
 from xmodal.models.registries import LOSSES, PROFILE_ENCODERS
 
 
 def build_model(cfg: Config) -> XModalModule:
-    """The cross-modal model named by ``cfg.model`` and ``cfg.loss`` (clip or siglip)."""
+    """The model named by ``cfg.model`` and ``cfg.loss``: cross-modal for clip/siglip, the
+    image-only DINO baseline for dino (profile settings unused)."""
     m = cfg.model
     loss = LOSSES.build(cfg.loss.name, cfg=cfg.loss)
+    dino = isinstance(loss, DinoLoss)
     image_encoder, image_dim = build_backbone(
-        m.image_encoder, cfg.data.image_size, m.pretrained_path, **m.image_kwargs
+        # DINO's local views are smaller than the global ones: ViTs must take any size.
+        m.image_encoder,
+        cfg.data.image_size,
+        m.pretrained_path,
+        dynamic_size=dino,
+        **m.image_kwargs,
     )
+    if dino:
+        return DinoModel(image_encoder, image_dim, cfg.data.image_size, loss)
     if not isinstance(loss, ContrastiveLoss):
         raise TypeError(
             f"loss '{cfg.loss.name}' built a {type(loss).__name__}, which no model here can train"

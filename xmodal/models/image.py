@@ -20,7 +20,9 @@ from xmodal.models.registries import IMAGE_ENCODERS
 IN_CHANS = 1  # the instruments' images are grayscale
 
 
-def _create_timm(name: str, image_size: int, pretrained_path: str, kwargs: dict[str, Any]) -> nn.Module:
+def _create_timm(
+    name: str, image_size: int, pretrained_path: str, dynamic_size: bool, kwargs: dict[str, Any]
+) -> nn.Module:
     args: dict[str, Any] = {"in_chans": IN_CHANS, "num_classes": 0, **kwargs}
     if pretrained_path:
         # Every remote source is blanked so that a bad overlay can never fall back to a download.
@@ -28,20 +30,28 @@ def _create_timm(name: str, image_size: int, pretrained_path: str, kwargs: dict[
         args["pretrained_cfg_overlay"] = {"file": pretrained_path, "url": "", "hf_hub_id": "", "source": ""}
     else:
         args["pretrained"] = False
+    # ViT-like models fix their patch grid at construction (``img_size``) and interpolate position
+    # embeddings only when asked (``dynamic_img_size``); CNNs reject both arguments.
+    attempts: list[dict[str, Any]] = []
     if "img_size" not in kwargs:
-        # ViT-like models fix their patch grid at construction; CNNs reject the argument.
+        if dynamic_size and "dynamic_img_size" not in kwargs:
+            attempts.append({"img_size": image_size, "dynamic_img_size": True})
+        attempts.append({"img_size": image_size})
+    for extra in attempts:
         try:
-            return timm.create_model(name, img_size=image_size, **args)
+            return timm.create_model(name, **extra, **args)
         except TypeError as e:
-            if "img_size" not in str(e):
+            if not any(k in str(e) for k in extra):
                 raise
     return timm.create_model(name, **args)
 
 
 def build_backbone(
-    name: str, image_size: int, pretrained_path: str = "", **kwargs: Any
+    name: str, image_size: int, pretrained_path: str = "", dynamic_size: bool = False, **kwargs: Any
 ) -> tuple[nn.Module, int]:
-    """The image backbone and its feature width: (B, 1, S, S) -> (B, F)."""
+    """The image backbone and its feature width: (B, 1, S, S) -> (B, F).
+
+    ``dynamic_size``: the model must also take other input sizes (DINO's local views)."""
     if pretrained_path and not Path(pretrained_path).is_file():
         raise FileNotFoundError(
             f"model.pretrained_path={pretrained_path!r} does not exist; give a local .safetensors or "
@@ -54,17 +64,18 @@ def build_backbone(
             )
         model = IMAGE_ENCODERS.build(name, in_chans=IN_CHANS, image_size=image_size, **kwargs)
     elif timm.is_model(name):
-        model = _create_timm(name, image_size, pretrained_path, kwargs)
+        model = _create_timm(name, image_size, pretrained_path, dynamic_size, kwargs)
     else:
         raise KeyError(
             f"model.image_encoder={name!r} is neither a timm model nor a registered image encoder "
             f"({', '.join(IMAGE_ENCODERS.names()) or 'none registered'}); list timm names with "
             "`python -c 'import timm; print(timm.list_models())'`"
         )
-    return model, _feature_width(model, name, image_size)
+    return model, feature_width(model, name, image_size)
 
 
-def _feature_width(model: nn.Module, name: str, image_size: int) -> int:
+def feature_width(model: nn.Module, name: str, image_size: int) -> int:
+    """Width of the model's (B, F) output on S x S inputs; a clear error if it cannot take them."""
     # A dry run is the only width that holds for every timm family (head_hidden_size, pooling
     # variants, registered encoders) and it catches image sizes the model cannot take.
     was_training = model.training

@@ -17,4 +17,4 @@ from xmodal.registry import Registry
 
 IMAGE_ENCODERS = Registry("image encoder", modules=("xmodal.models.image",))
 PROFILE_ENCODERS = Registry("profile encoder", modules=("xmodal.models.profile",))
-LOSSES = Registry("loss", modules=("xmodal.models.losses",))
+LOSSES = Registry("loss", modules=("xmodal.models.losses", "xmodal.models.dino"))

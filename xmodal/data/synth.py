@@ -19,19 +19,20 @@ the arguments.
 from __future__ import annotations
 
 import csv
-import io
 import json
+import struct
 import sys
 import time
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+import pyarrow as pa
 
-from xmodal.data.schema import CHANNELS, ShardWriter, make_record
+from xmodal.data.schema import CHANNELS, N_CHANNELS, SCHEMA, ShardWriter
 from xmodal.data.synth_image import render_images
 from xmodal.data.synth_latents import Latents, sample_latents
 from xmodal.data.synth_profile import render_profiles
@@ -43,10 +44,26 @@ PNG_LEVEL = 1  # zlib level: the noise in the crops makes higher levels slow for
 _DOMAIN_CODE = {"LAB": 1, "SEA": 2, "UTO": 3}
 
 
+def _png_chunk(tag: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+
 def encode_png(img: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(img, mode="L").save(buf, format="PNG", compress_level=PNG_LEVEL)
-    return buf.getvalue()
+    """8-bit grayscale PNG (filter 0 on every row, zlib level ``PNG_LEVEL``).
+
+    Written by hand because Pillow's encoder spent ~310 µs per 64-px crop against ~85 µs here, and
+    PNG encoding is the largest single cost of generation. Any PNG decoder reads it back exactly.
+    """
+    h, w = img.shape
+    raw = np.zeros((h, w + 1), dtype=np.uint8)  # a leading 0 per row = filter type "None"
+    raw[:, 1:] = img
+    header = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)  # 8-bit, grayscale, deflate, no interlace
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", zlib.compress(raw.tobytes(), PNG_LEVEL))
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def profile_csv(profile: np.ndarray) -> str:
@@ -67,26 +84,59 @@ def generate_chunks(
         yield lat, render_images(lat, image_size, style, rng), render_profiles(lat, style, rng)
 
 
-def _write_parquet(out: Path, domain: str, chunks, species: list[Species], counts: Counter) -> None:
+def particle_table(
+    domain: str,
+    first: int,
+    lat: Latents,
+    images: list[np.ndarray],
+    profiles: list[np.ndarray],
+    species: list[Species],
+) -> pa.Table:
+    """Rows of the Parquet schema for one chunk, built column-wise.
+
+    Equal to ``records_to_table([make_record(...) ...])`` (a test checks it) but without a Python dict
+    and a list conversion per particle, which cost more than rendering the particle.
+    """
+    n = len(lat)
     labelled = DOMAINS[domain].labelled
-    i = 0
+    lengths = np.array([p.shape[1] for p in profiles], dtype=np.int32)
+    offsets = np.zeros(n + 1, dtype=np.int32)
+    np.cumsum(lengths * N_CHANNELS, out=offsets[1:])
+    flat = np.concatenate([p.reshape(-1) for p in profiles]).astype(np.float32)
+    mask_offsets = np.arange(0, N_CHANNELS * (n + 1), N_CHANNELS, dtype=np.int32)
+    names = [species[s].name for s in lat.species.tolist()]
+    cols = {
+        "particle_id": [f"synth:{domain}_{i:07d}" for i in range(first, first + n)],
+        "source": ["synth"] * n,
+        "domain": [domain] * n,
+        "label": names if labelled else [None] * n,
+        "has_image": np.ones(n, dtype=bool),
+        "image": pa.array([encode_png(im) for im in images], pa.binary()),
+        "image_height": np.array([im.shape[0] for im in images], dtype=np.int32),
+        "image_width": np.array([im.shape[1] for im in images], dtype=np.int32),
+        "has_profile": np.ones(n, dtype=bool),
+        "profile": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat)),
+        "profile_length": lengths,
+        "channel_mask": pa.ListArray.from_arrays(
+            pa.array(mask_offsets), pa.array(np.ones(n * N_CHANNELS, bool))
+        ),
+    }
+    return pa.table(cols, schema=SCHEMA)
+
+
+def _write_parquet(out: Path, domain: str, chunks, species: list[Species], counts: Counter) -> None:
+    first = 0
+    pending: list[pa.Table] = []
     with ShardWriter(out / domain) as writer:
         for lat, images, profiles in chunks:
-            for s, img, prof in zip(lat.species.tolist(), images, profiles):
-                name = species[s].name
-                counts[name] += 1
-                writer.write(
-                    make_record(
-                        f"synth:{domain}_{i:07d}",
-                        "synth",
-                        domain,
-                        name if labelled else None,
-                        encode_png(img),
-                        img.shape,
-                        prof,
-                    )
-                )
-                i += 1
+            counts.update(species[s].name for s in lat.species.tolist())
+            pending.append(particle_table(domain, first, lat, images, profiles, species))
+            first += len(lat)
+            if sum(t.num_rows for t in pending) >= writer.rows_per_group:
+                writer.write_table(pa.concat_tables(pending))
+                pending = []
+        if pending:
+            writer.write_table(pa.concat_tables(pending))
 
 
 def _write_syke(out: Path, domain: str, chunks, species: list[Species], counts: Counter) -> None:

@@ -38,6 +38,7 @@ class Latents:
     yel: np.ndarray  # (N,) mV/µm², FL Yellow
     beam: np.ndarray  # (N,) intensity factor from the lateral position in the flow, 0.65..1
     curv_gain: np.ndarray  # (N,) signed gain of the Curvature signal
+    sws_gain: np.ndarray  # (N,) particle-to-particle side-scatter variation (surface, vacuoles)
 
     def __len__(self) -> int:
         return len(self.species)
@@ -56,18 +57,19 @@ def _layout(sp: Species, n: int, a: np.ndarray, rng: np.random.Generator) -> tup
         step = 2.0 * a * (1.03 if sp.morph == "chain" else 0.9)
         u = (k - (n_cells[:, None] - 1) / 2.0) * step
         bend = rng.normal(0.0, 0.004, size=(n, 1)) if sp.morph == "filament" else 0.0
-        v = bend * u**2
-        rot = 2.0 * bend * u
+        v = bend * u**2  # a gently curved trichome; its cells keep the particle's orientation
     elif sp.morph == "ring":
         radius = n_cells[:, None] * a * 2.1 / (2.0 * np.pi)
         phi = 2.0 * np.pi * k / n_cells[:, None] + rng.uniform(0, 2 * np.pi, size=(n, 1))
-        u, v, rot = radius * np.cos(phi), radius * np.sin(phi), phi + np.pi / 2
+        u, v = radius * np.cos(phi), radius * np.sin(phi)
     elif sp.morph in ("colony", "detritus"):
         # same outer radius as a ring of the same cells: the profile twin of a ring is this clump
         radius = n_cells[:, None] * a * 2.1 / (2.0 * np.pi)
         r = radius * np.sqrt(rng.uniform(0.0, 1.0, size=(n, MAX_CELLS)))
         phi = rng.uniform(0, 2 * np.pi, size=(n, MAX_CELLS))
-        u, v, rot = r * np.cos(phi), r * np.sin(phi), rng.uniform(0, np.pi, size=(n, MAX_CELLS))
+        u, v = r * np.cos(phi), r * np.sin(phi)
+        if sp.morph == "detritus":  # irregular pieces; colony cells are round and need no rotation
+            rot = rng.uniform(0, np.pi, size=(n, MAX_CELLS))
     return n_cells, u, v, rot
 
 
@@ -103,7 +105,8 @@ def sample_species(sp: Species, index: int, n: int, style: DomainStyle, rng: np.
         pe=sp.pe * pig[:, 1],
         yel=sp.yel * pig[:, 2],
         beam=np.exp(-0.43 * lateral**2),
-        curv_gain=rng.normal(0.4, 0.35, size=n),
+        curv_gain=rng.normal(0.3, 0.25, size=n),
+        sws_gain=np.exp(rng.normal(0.0, 0.6, size=n)),
     )
 
 

@@ -32,49 +32,66 @@ SIGMA_BEAM = BEAM_FWHM_UM / 2.3548
 FWS_HALF_SATURATION_MV = 7360.0
 TRIGGER_MV = 10.0
 DETECTOR_STEP_MV = 1.0 / 32.0
-C_FWS = 25.0  # mV per µm² of cross-section at refractive contrast 1
-C_SWS = 18.0
-C_EDGE = 10.0
+MIN_LENGTH = 12  # the shortest pulse in the real Cefas export
+# Detector gains (mV per µm² of cross-section), calibrated so that per-particle channel maxima of a
+# field sample fall in the ranges of the real Cefas export (see tests/data/test_synth_stats.py).
+C_FWS = 90.0
+C_SWS = 60.0
+C_EDGE = 30.0
+SWS_KNEE_MV = 0.93 * SATURATION_MV
+FL_GAIN = (1.0, 1.0, 2.0)  # FL Yellow, FL Orange, FL Red per unit pigment
 _CHUNK = 256
+_F = np.float32
+
+
+_POW10 = 10.0 ** np.arange(-40, 41)  # 10**e for e in -40..40, looked up instead of computed
 
 
 def round_sig(v: np.ndarray, digits: int = 4) -> np.ndarray:
-    """Round to ``digits`` significant digits (zeros stay zero)."""
-    a = np.abs(v)
-    mag = np.floor(np.log10(np.where(a > 0, a, 1.0)))
-    f = 10.0 ** (digits - 1 - mag)
-    return np.round(v * f) / f
+    """Round to ``digits`` significant digits (zeros stay zero), in float64."""
+    a = np.abs(v).astype(np.float32)
+    mag = np.floor(np.log10(np.where(a > 0, a, 1.0), dtype=np.float32)).astype(np.int64)
+    e = np.clip(digits - 1 - mag, -40, 40) + 40
+    return np.round(v * _POW10[e]) / _POW10[e]
 
 
 def window(lat: Latents, x: np.ndarray, h: np.ndarray, w: np.ndarray, rng: np.random.Generator):
-    """Start position (µm) and length (samples) of each particle's recorded pulse."""
+    """Start position (µm) and length (samples) of each particle's recorded pulse.
+
+    Recording runs while FWS is above ``TRIGGER_MV``: each cell's Gaussian bump (peak F, width s)
+    crosses it at s·sqrt(2 ln(F / T)) from its centre; the window spans the outermost crossings.
+    """
     valid = np.arange(x.shape[1])[None, :] < lat.n_cells[:, None]
-    lo = np.where(valid, x - h, np.inf).min(axis=1)
-    hi = np.where(valid, x + h, -np.inf).max(axis=1)
-    sig = np.where(valid, np.sqrt(h * h / 4.0 + SIGMA_BEAM**2), 0.0).max(axis=1)
-    peak = lat.beam * np.where(valid, (2.0 * w) ** 2, 0.0).sum(axis=1) * np.maximum(C_FWS * lat.refr, 5.0)
-    tail = sig * np.sqrt(2.0 * np.log(np.maximum(peak / TRIGGER_MV, 2.0)))
-    start = lo - tail + rng.uniform(-UM_PER_SAMPLE, 0.0, size=len(lat))
-    length = np.ceil((hi - lo + 2.0 * tail) / UM_PER_SAMPLE).astype(np.int64)
-    return start, np.maximum(length, 2)
+    sig = np.sqrt(h * h / 4.0 + SIGMA_BEAM**2)
+    peak = C_FWS * (lat.refr * lat.beam)[:, None] * (2.0 * w) ** 2
+    reach = sig * np.sqrt(2.0 * np.log(np.maximum(peak / TRIGGER_MV, 1.5)))
+    lo = np.where(valid, x - reach, np.inf).min(axis=1)
+    hi = np.where(valid, x + reach, -np.inf).max(axis=1)
+    start = lo + rng.uniform(-UM_PER_SAMPLE, 0.0, size=len(lat))
+    length = np.ceil((hi - start) / UM_PER_SAMPLE).astype(np.int64)
+    return start, np.maximum(length, MIN_LENGTH)
 
 
 def _clean(lat: Latents, idx: np.ndarray, t: np.ndarray, x, h, w) -> tuple[np.ndarray, ...]:
-    """Noise-free body, chloroplast and edge accumulators at sample positions ``t`` (n, Lmax)."""
-    body = np.zeros_like(t)
-    plast = np.zeros_like(t)
-    edge = np.zeros_like(t)
-    for k in range(int(lat.n_cells[idx].max())):
-        sub = np.nonzero(lat.n_cells[idx] > k)[0]
-        j = idx[sub]
-        xk, hk, area = x[j, k, None], h[j, k, None], (2.0 * w[j, k, None]) ** 2
-        d = t[sub] - xk
-        body[sub] += area * np.exp(-(d * d) / (2.0 * (hk * hk / 4.0 + SIGMA_BEAM**2)))
-        plast[sub] += area * np.exp(-(d * d) / (2.0 * (hk * hk / 9.0 + SIGMA_BEAM**2)))
-        e1, e2 = d + hk, d - hk
-        edge[sub] += area * (
-            np.exp(-(e1 * e1) / (2 * SIGMA_BEAM**2)) + np.exp(-(e2 * e2) / (2 * SIGMA_BEAM**2))
-        )
+    """Noise-free body, chloroplast and edge accumulators at sample positions ``t`` (n, Lmax).
+
+    ``idx`` is sorted by decreasing cell count, so cell k's batch is a prefix (a view, no copy).
+    """
+    body, plast, edge = np.zeros_like(t), np.zeros_like(t), np.zeros_like(t)
+    ncell = lat.n_cells[idx]
+    ib = _F(-0.5 / SIGMA_BEAM**2)
+    for k in range(int(ncell[0])):
+        m = int(np.count_nonzero(ncell > k))
+        j = idx[:m]
+        hk = h[j, k, None]
+        area = ((2.0 * w[j, k, None]) ** 2).astype(_F)
+        d = t[:m] - x[j, k, None].astype(_F)
+        d2 = d * d
+        body[:m] += area * np.exp(d2 * (-0.5 / (hk * hk / 4.0 + SIGMA_BEAM**2)).astype(_F))
+        plast[:m] += area * np.exp(d2 * (-0.5 / (hk * hk / 9.0 + SIGMA_BEAM**2)).astype(_F))
+        hk = hk.astype(_F)
+        e1, e2 = d - hk, d + hk  # a peak at each cell boundary
+        edge[:m] += area * (np.exp(e1 * e1 * ib) + np.exp(e2 * e2 * ib))
     return body, plast, edge
 
 
@@ -95,15 +112,16 @@ def _render_chunk(
     """(n, 6, Lmax) profiles of one chunk; samples past a particle's length are garbage."""
     x, h, w = geo
     n, lmax = len(idx), int(length[idx].max())
-    t = start[idx, None] + UM_PER_SAMPLE * np.arange(lmax)[None, :]
+    t = (start[idx, None] + UM_PER_SAMPLE * np.arange(lmax)[None, :]).astype(_F)
     body, plast, edge = _clean(lat, idx, t, x, h, w)
     beam = lat.beam[idx, None]
     gain = np.exp(rng.normal(0.0, 0.05, size=(n, 5)))
     tex = lat.texture[idx, None]
     fws = C_FWS * lat.refr[idx, None] * beam * body * gain[:, 0:1]
-    sws = beam * (C_SWS * (0.25 + tex) * lat.refr[idx, None] * body + C_EDGE * edge) * gain[:, 1:2]
+    sws = C_SWS * (0.25 + tex) * lat.refr[idx, None] * body + C_EDGE * edge
+    sws *= beam * lat.sws_gain[idx, None] * gain[:, 1:2]
     fl = [
-        pig[idx, None] * beam * plast * gain[:, 2 + i : 3 + i]
+        FL_GAIN[i] * pig[idx, None] * beam * plast * gain[:, 2 + i : 3 + i]
         for i, pig in enumerate((lat.yel, lat.pe, lat.chl))
     ]
     # Curvature: the left/right FWS imbalance follows the pulse slope; zero mean per particle
@@ -119,6 +137,8 @@ def _render_chunk(
     )
     out = np.empty((n, N_CHANNELS, lmax))
     out[:, 0] = half.sum(axis=1)
+    # the side-scatter response bends over below the clip (the real export almost never saturates SWS)
+    sws = SWS_KNEE_MV * np.tanh(sws / SWS_KNEE_MV)
     out[:, 1] = np.clip(_noisy(sws, 1.0, 0.5, style.prof_noise, rng), 0.0, SATURATION_MV)
     for i, f in enumerate(fl):
         out[:, 2 + i] = np.clip(_noisy(f + base[:, i], 0.15, 0.25, style.prof_noise, rng), 0.0, SATURATION_MV)
@@ -135,6 +155,7 @@ def render_profiles(lat: Latents, style: DomainStyle, rng: np.random.Generator) 
     out: list[np.ndarray] = [np.empty((N_CHANNELS, 0), np.float32)] * len(lat)
     for c in range(0, len(lat), _CHUNK):
         idx = order[c : c + _CHUNK]
+        idx = idx[np.argsort(-lat.n_cells[idx], kind="stable")]
         prof = _render_chunk(lat, idx, start, length, geo, style, rng).astype(np.float32)
         for i, p in zip(idx, prof):
             out[i] = np.ascontiguousarray(p[:, : length[i]])

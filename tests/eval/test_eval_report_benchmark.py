@@ -1,0 +1,109 @@
+"""Reports (results.json / results.md / PNGs) and the benchmark entry point the CLI calls."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from xmodal.eval.benchmark import benchmark, named_paths
+from xmodal.eval.embeddings import write_embeddings
+from xmodal.eval.protocol import COMBOS, run_protocol
+from xmodal.eval.report import markdown, write_report
+
+
+def test_report_files_hold_every_number(ev, tmp_path: Path) -> None:
+    es = ev.make_set(150, 4, seed=1)
+    result = run_protocol(es, None, ["I-I", "I+P-I+P"], [1, 4], 3, 3, progress=False, name="xm")
+    paths = write_report(result, tmp_path)
+    data = json.loads(paths["json"].read_text())["results"][0]
+    assert data["name"] == "xm" and data["mode"] == "single" and data["classes"] == result.classes
+    assert len(data["cells"]) == 4
+    for c in data["cells"]:
+        cell = result.cell(c["combo"], c["n"], c["k"])
+        assert c["accuracy"]["values"] == cell.accuracy
+        assert c["accuracy"]["mean"] == pytest.approx(np.mean(cell.accuracy))
+        assert c["f1"]["std"] == pytest.approx(np.std(cell.f1))
+        assert np.array(c["confusion"]).sum() == sum(cell.n_queries)
+        assert set(c["per_class_recall"]) == set(result.classes)
+    md = paths["md"].read_text()
+    cell = result.cell("I+P-I+P", 4)
+    row = next(line for line in md.splitlines() if line.startswith("| I+P – I+P |"))
+    assert f"{100 * cell.mean():.1f} ± {100 * cell.std():.1f}" in row
+    assert "| G–Q | n=1 | n=4 |" in md
+    for name in ("accuracy_vs_gallery.png", "confusion_I-I.png", "confusion_I+P-I+P.png"):
+        with Image.open(tmp_path / name) as im:
+            assert im.size[0] > 300 and im.size[1] > 200
+
+
+def test_benchmark_compares_models_in_one_table(ev, tmp_path: Path) -> None:
+    write_embeddings(ev.make_set(160, 4, seed=1), tmp_path / "xmodal_emb")
+    write_embeddings(ev.make_set(160, 4, seed=2, profile=False), tmp_path / "dino_emb")
+    results = benchmark(
+        [f"crossmodal={tmp_path / 'xmodal_emb'}", str(tmp_path / "dino_emb")],
+        tmp_path / "out",
+        gallery_sizes=[1, 2],
+        repeats=2,
+        progress=False,
+    )
+    assert [r.name for r in results] == ["crossmodal", "dino_emb"]
+    assert results[0].combos == list(COMBOS)
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "| model | G–Q | n=1 | n=2 |" in md
+    assert "| dino_emb | P – P | – | – |" in md  # the image-only model has no profile cells
+    assert "P-P: not evaluated: no eligible gallery particle (2 runs)" in md
+    assert len(json.loads((tmp_path / "out" / "results.json").read_text())["results"]) == 2
+
+
+def test_benchmark_split_and_cross_domain(ev, tmp_path: Path) -> None:
+    lab, sea = ev.make_set(120, 4, seed=3, domain="LAB"), ev.make_set(80, 4, seed=4, domain="SEA")
+    write_embeddings(lab, tmp_path / "both")
+    write_embeddings(sea, tmp_path / "both")
+    cross = benchmark(
+        tmp_path / "both",
+        tmp_path / "o1",
+        ["I-I"],
+        [2],
+        repeats=2,
+        gallery_domain="LAB",
+        query_domain="SEA",
+        progress=False,
+    )[0]
+    assert (
+        cross.mode == "split"
+        and cross.counts["query_labelled"] == 80
+        and cross.counts["gallery_labelled"] == 120
+    )
+    write_embeddings(lab, tmp_path / "lab")
+    write_embeddings(sea, tmp_path / "sea")
+    split = benchmark(
+        {"m": tmp_path / "lab"},
+        tmp_path / "o2",
+        ["I-I"],
+        [2],
+        repeats=2,
+        query_embeddings={"m": tmp_path / "sea"},
+        progress=False,
+    )[0]
+    assert split.cell("I-I", 2).accuracy == cross.cell("I-I", 2).accuracy  # the same protocol either way
+    with pytest.raises(ValueError, match="domains present: \\['LAB', 'SEA'\\]"):
+        benchmark(tmp_path / "both", tmp_path / "o3", ["I-I"], [2], query_domain="UTO", progress=False)
+    with pytest.raises(ValueError, match="one query set per model"):
+        benchmark([tmp_path / "lab", tmp_path / "sea"], tmp_path / "o4", query_embeddings=tmp_path / "sea")
+
+
+def test_named_paths(tmp_path: Path) -> None:
+    (tmp_path / "a" / "emb").mkdir(parents=True)
+    (tmp_path / "b" / "emb").mkdir(parents=True)
+    names = named_paths([str(tmp_path / "a" / "emb"), str(tmp_path / "b" / "emb"), f"dino={tmp_path}"])
+    assert list(names) == ["emb", "b/emb", "dino"]
+
+
+def test_markdown_lists_each_k(ev) -> None:
+    es = ev.make_set(80, 3, seed=5)
+    result = run_protocol(es, None, ["I-I"], [2], [1, 3], 2, progress=False)
+    md = markdown(result)
+    assert "## Accuracy (%), k = 1" in md and "## Accuracy (%), k = 3" in md

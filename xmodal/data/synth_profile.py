@@ -36,10 +36,10 @@ MIN_LENGTH = 12  # the shortest pulse in the real Cefas export
 # Detector gains (mV per µm² of cross-section), calibrated so that per-particle channel maxima of a
 # field sample fall in the ranges of the real Cefas export (see tests/data/test_synth_stats.py).
 C_FWS = 90.0
-C_SWS = 60.0
-C_EDGE = 30.0
+C_SWS = 90.0
+C_EDGE = 45.0
 SWS_KNEE_MV = 0.93 * SATURATION_MV
-FL_GAIN = (1.0, 1.0, 2.0)  # FL Yellow, FL Orange, FL Red per unit pigment
+FL_GAIN = (1.0, 1.0, 2.5)  # FL Yellow, FL Orange, FL Red per unit pigment
 _CHUNK = 256
 _F = np.float32
 

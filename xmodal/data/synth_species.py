@@ -46,6 +46,7 @@ class Species:
     pe: float = 0.0  # phycoerythrin -> FL Orange
     yel: float = 0.0  # other pigments -> FL Yellow
     in_lab: bool = True  # False: only seen in the field domains (SEA, UTO)
+    abundance: float = 1.0  # multiplies the domain's long-tail class weight
 
 
 # Ordered so that twins stay together when a catalogue is truncated to its first n species.
@@ -53,14 +54,14 @@ class Species:
 _DESIGNED: tuple[Species, ...] = (
     # image twins: a green coccoid and a cryptophyte-like cell (PE -> FL Orange)
     Species("chlorella", "single", 6.0, 0.15, 1.1, (1, 1), texture=0.1, opacity=0.55, chl=14.0, pe=0.05, yel=0.08),
-    Species("cryptomonas", "single", 6.3, 0.15, 1.15, (1, 1), texture=0.1, opacity=0.55, chl=9.0, pe=7.0, yel=0.08),
+    Species("cryptomonas", "single", 6.3, 0.15, 1.1, (1, 1), texture=0.1, opacity=0.55, chl=9.0, pe=7.0, yel=0.08),
     # profile twins: a pennate diatom and the same body with long spines
     Species("navicula", "single", 18.0, 0.15, 3.5, (1, 1), texture=0.3, hollow=0.6, opacity=0.5, refr=1.2,
-            chl=6.0, pe=0.05, yel=0.4),
+            chl=6.0, pe=0.05, yel=0.2),
     Species("chaetoceros", "single", 18.0, 0.15, 3.5, (1, 1), spines=4, spine_len=0.9, texture=0.3, hollow=0.6,
-            opacity=0.5, refr=1.2, chl=6.0, pe=0.05, yel=0.4),
+            opacity=0.5, refr=1.2, chl=6.0, pe=0.05, yel=0.2),
     # image twins: a diatom chain and a cyanobacterial chain of the same cells
-    Species("skeletonema", "chain", 5.0, 0.12, 1.2, (3, 8), texture=0.25, opacity=0.6, chl=12.0, pe=0.05, yel=0.3),
+    Species("skeletonema", "chain", 5.0, 0.12, 1.2, (3, 8), texture=0.25, opacity=0.6, chl=12.0, pe=0.05, yel=0.15),
     Species("pseudanabaena", "chain", 5.0, 0.12, 1.2, (3, 8), texture=0.25, opacity=0.6, chl=4.0, pe=9.0, yel=0.1),
     # profile twins: a loose clump of small cells and the same cells arranged in a ring
     Species("microcystis", "colony", 3.5, 0.12, 1.0, (8, 16), texture=0.5, opacity=0.7, chl=7.0, pe=5.0, yel=0.1),
@@ -69,9 +70,10 @@ _DESIGNED: tuple[Species, ...] = (
     Species("dolichospermum", "filament", 6.5, 0.2, 1.6, (8, 16), texture=0.2, opacity=0.55, chl=5.0, pe=8.0,
             yel=0.1),
     Species("ulothrix", "filament", 6.5, 0.2, 1.6, (8, 16), texture=0.2, opacity=0.55, chl=11.0, pe=0.05, yel=0.1),
-    # field-only species (absent from the labelled cultures): a large dinoflagellate, and one with horns
-    Species("peridinium", "single", 16.0, 0.15, 1.25, (1, 1), texture=0.6, opacity=0.75, refr=1.1, chl=9.0, pe=0.1,
-            yel=0.3, in_lab=False),
+    # field-only species (absent from the labelled cultures): a picocyanobacterium, abundant at sea and
+    # too small for the camera to show more than a dot, and a large horned dinoflagellate
+    Species("cyanobium", "single", 3.0, 0.2, 1.1, (1, 1), texture=0.0, opacity=0.4, refr=0.9, chl=1.5, pe=5.0,
+            yel=0.05, in_lab=False, abundance=6.0),
     Species("ceratium", "single", 17.0, 0.15, 1.6, (1, 1), spines=3, spine_len=1.0, texture=0.6, opacity=0.75,
             refr=1.1, chl=8.0, pe=0.1, yel=0.3, in_lab=False),
 )
@@ -134,7 +136,7 @@ DOMAINS: dict[str, DomainStyle] = {
     #                        labelled zipf  detr  size  spread  background   grad  blur         noise debris prof base theta order
     "LAB": DomainStyle("LAB", True,  0.8, 0.05, 1.0,  1.0, (186.0, 3.0),  4.0, (0.5, 0.9), 2.0, 0.0, 1.0, 0.5, 0.35, 1),
     "SEA": DomainStyle("SEA", True,  1.1, 0.15, 0.85, 1.4, (172.0, 10.0), 14.0, (0.7, 1.6), 4.5, 1.5, 2.0, 1.5, 0.55, 2),
-    "UTO": DomainStyle("UTO", False, 1.0, 0.2,  0.9,  1.3, (178.0, 8.0),  10.0, (0.6, 1.4), 3.5, 1.0, 1.6, 1.2, 0.5, 3),
+    "UTO": DomainStyle("UTO", False, 1.0, 0.2,  1.1,  1.3, (178.0, 8.0),  10.0, (0.6, 1.4), 3.5, 1.0, 1.6, 1.2, 0.5, 3),
 }
 # fmt: on
 
@@ -143,7 +145,7 @@ def class_weights(species: list[Species], style: DomainStyle) -> np.ndarray:
     """Long-tailed class frequencies for a domain (detritus last, with its fixed fraction)."""
     taxa = species[:-1]
     rank = np.random.default_rng(style.order_seed).permutation(len(taxa))
-    w = (1.0 + rank) ** -style.zipf
+    w = (1.0 + rank) ** -style.zipf * np.array([s.abundance for s in taxa])
     if style.name == "LAB":
         w = w * np.array([s.in_lab for s in taxa], dtype=float)
     w = (1.0 - style.detritus_frac) * w / w.sum()

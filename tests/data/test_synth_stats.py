@@ -3,13 +3,14 @@
 The synthetic field domain (UTO) is compared with the real field sample by per-particle statistics.
 Bands are deliberately loose where the species mix, not the instrument, sets the number (the Cefas
 pond is not our catalogue), and tight where the instrument does (saturation levels, Curvature
-centring, trigger tails). Measured at the time of writing (real / synthetic UTO, seed 0, 1500):
+centring, trigger tails). Measured at the time of writing (real / synthetic UTO, seed 0, 1500 drawn,
+~1160 pass the smart trigger):
 
-    pulse length L (samples)   median 67 / 51,  5-95 % 19-141 / 24-102,  range 12-516 / 12-231
-    per-particle max, median   FWS 2664 / 2120   SWS 3328 / 1800   FL Red 316 / 320
-                               FL Yellow 4.3 / 5.5   FL Orange 8.5 / 3.1
-    particles saturated        FWS at 14720: 1.8 % / 3.3 %;  SWS at 7488: 0.1 % / 0 %
-    Curvature                  range per particle, median 0.66 / 0.86; per-particle mean 0 / ~0
+    pulse length L (samples)   median 67 / 52,  5-95 % 19-141 / 23-118,  range 12-516 / 18-260
+    per-particle max, median   FWS 2664 / 2053   SWS 3328 / 2103   FL Red 316 / 308
+                               FL Yellow 4.3 / 4.0   FL Orange 8.5 / 30
+    particles saturated        FWS at 14720: 1.8 % / 1.1 %;  SWS at 7488: 0.1 % / 0 %
+    Curvature                  range per particle, median 0.66 / 0.84; per-particle mean 0 / ~0
     first FWS sample / max     median 0.0037 / 0.0035
 """
 

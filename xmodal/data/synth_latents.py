@@ -63,9 +63,11 @@ def _layout(sp: Species, n: int, a: np.ndarray, rng: np.random.Generator) -> tup
         phi = 2.0 * np.pi * k / n_cells[:, None] + rng.uniform(0, 2 * np.pi, size=(n, 1))
         u, v = radius * np.cos(phi), radius * np.sin(phi)
     elif sp.morph in ("colony", "detritus"):
-        # same outer radius as a ring of the same cells: the profile twin of a ring is this clump
+        # the profile twin of a ring: the same cells at nearly the same distances from the centre (so
+        # every projection on the flow axis spreads alike) but at irregular angles: a lumpy clump
         radius = n_cells[:, None] * a * 2.1 / (2.0 * np.pi)
-        r = radius * np.sqrt(rng.uniform(0.0, 1.0, size=(n, MAX_CELLS)))
+        lo = 0.0 if sp.morph == "detritus" else 0.8
+        r = radius * np.sqrt(rng.uniform(lo, 1.0, size=(n, MAX_CELLS)))
         phi = rng.uniform(0, 2 * np.pi, size=(n, MAX_CELLS))
         u, v = r * np.cos(phi), r * np.sin(phi)
         if sp.morph == "detritus":  # irregular pieces; colony cells are round and need no rotation

@@ -5,8 +5,9 @@ Species are designed in confusable pairs so that neither modality alone is enoug
 * image twins look the same in bright field but carry different pigments (they differ only in
   FL Orange / FL Red), e.g. a green alga and a cryptophyte of the same size and shape;
 * profile twins have the same size, cross-section, cell count and pigments along the flow axis but a
-  different outline in the image (long thin spines, cells arranged in a ring instead of a clump),
-  which barely changes scatter or fluorescence.
+  different outline in the image: long thin spines, which barely scatter (a strict twin), or cells
+  set in a regular ring rather than a lumpy clump at the same radii (a partial twin: the irregular
+  spacing still shows up in the pulse as overlapping cells).
 
 Within-species variability (size, orientation, cell count, pigment load) makes the remaining classes
 overlap partly too, so image-only and profile-only k-NN are both clearly imperfect while fusing the

@@ -1,0 +1,123 @@
+"""The synthetic world carries the structure the method relies on: each modality alone is clearly
+imperfect, their fusion is better. Shown with hand-crafted features and k-NN (no training).
+
+Features are computed from what a user would get (the uint8 crop and the pulse matrix), not from
+the latents. Measured at the time of writing (LAB, seed 0, 1536 particles, 5-fold, k=5):
+image 0.78, profile 0.85, fused 0.95; on the image twins the image alone gets 0.5-0.8 of
+the pair right and the profile 0.8-0.9, on the spined/smooth diatoms the profile gets 0.5, the image 0.99.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.model_selection import cross_val_predict
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from xmodal.data.synth import generate_chunks
+from xmodal.data.synth_species import catalogue
+
+
+def image_features(img: np.ndarray) -> np.ndarray:
+    """Crop size, dark area, elongation, darkness and its texture, outline length, spread, centre."""
+    g = img.astype(np.float64)
+    bg = np.median(np.r_[g[0], g[-1], g[:, 0], g[:, -1]])
+    dark = np.clip(bg - g, 0.0, None)
+    mask = dark > 12.0
+    ys, xs = np.nonzero(mask)
+    if len(xs) < 3:
+        ys, xs = np.array([0.0, 1.0, 2.0]), np.array([0.0, 1.0, 2.0])
+    area = len(xs) + 1.0
+    eig = np.sort(np.linalg.eigvalsh(np.cov(np.stack([xs, ys])) + 1e-3 * np.eye(2)))
+    cy, cx = ys.mean(), xs.mean()
+    radius = np.hypot(ys - cy, xs - cx)
+    outline = (mask[1:] != mask[:-1]).sum() + (mask[:, 1:] != mask[:, :-1]).sum()
+    inside = dark[mask] if mask.any() else np.zeros(1)
+    centre = dark[int(round(cy)), int(round(cx))] / (inside.mean() + 1.0)
+    return np.array(
+        [
+            np.log(img.shape[0]),
+            np.log(area / img.size),
+            np.log(eig[1] / eig[0]),
+            np.log(eig[1] + 1.0),
+            inside.mean(),
+            inside.std(),
+            outline / np.sqrt(area),
+            np.percentile(radius, 90) / np.sqrt(area),
+            centre,
+        ]
+    )
+
+
+def profile_features(p: np.ndarray) -> np.ndarray:
+    """Length, log channel peaks, pigment and scatter ratios, FWS width, SWS peak count, |Curvature|."""
+    peak = np.log1p(p[:5].max(axis=1))
+    fws, sws = p[0], p[1]
+    width = np.mean(fws > fws.max() / 2.0)
+    inner = sws[1:-1]
+    n_peaks = np.sum((inner > sws[:-2]) & (inner >= sws[2:]) & (inner > 0.3 * sws.max()))
+    return np.array(
+        [
+            np.log(p.shape[1]),
+            *peak,
+            peak[3] - peak[4],
+            peak[2] - peak[4],
+            peak[1] - peak[0],
+            width,
+            n_peaks,
+            np.abs(p[5]).mean(),
+        ]
+    )
+
+
+@pytest.fixture(scope="module")
+def lab_features() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    species, images, profiles = [], [], []
+    for lat, ims, prs in generate_chunks("LAB", 1536, 0, 64, catalogue(12)):
+        species.append(lat.species)
+        images += [image_features(im) for im in ims]
+        profiles += [profile_features(p) for p in prs]
+    return np.concatenate(species), np.array(images), np.array(profiles)
+
+
+def _knn_accuracy(x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+    model = make_pipeline(StandardScaler(), KNeighborsClassifier(n_neighbors=5))
+    pred = cross_val_predict(model, x, y, cv=5)
+    return float(np.mean(pred == y)), pred
+
+
+def test_fusion_beats_each_modality(lab_features):
+    y, img, prof = lab_features
+    acc_i, _ = _knn_accuracy(img, y)
+    acc_p, _ = _knn_accuracy(prof, y)
+    acc_f, _ = _knn_accuracy(np.hstack([img, prof]), y)
+    assert acc_i < 0.9 and acc_p < 0.92, (
+        f"a single modality is nearly perfect: image {acc_i}, profile {acc_p}"
+    )
+    assert acc_f > max(acc_i, acc_p) + 0.05, f"fused {acc_f} vs image {acc_i}, profile {acc_p}"
+
+
+def test_twins_confuse_exactly_one_modality(lab_features):
+    """Image twins are told apart by the profile, profile twins by the image."""
+    y, img, prof = lab_features
+    names = [s.name for s in catalogue(12)]
+    _, pred_i = _knn_accuracy(img, y)
+    _, pred_p = _knn_accuracy(prof, y)
+
+    def recall(pred: np.ndarray, a: str, b: str) -> float:
+        ia, ib = names.index(a), names.index(b)
+        pair = (y == ia) | (y == ib)
+        return float(np.mean(pred[pair] == y[pair]))
+
+    for a, b in [
+        ("chlorella", "cryptomonas"),
+        ("skeletonema", "pseudanabaena"),
+        ("dolichospermum", "ulothrix"),
+    ]:
+        assert recall(pred_i, a, b) < recall(pred_p, a, b) - 0.1, (a, b)
+    # a spined and a smooth diatom are strict profile twins; a ring and a clump of the same cells are
+    # only partly alike in profile (irregular spacing makes overlaps along the flow), so a smaller margin
+    for (a, b), margin in [(("navicula", "chaetoceros"), 0.3), (("microcystis", "pediastrum"), 0.05)]:
+        assert recall(pred_p, a, b) < recall(pred_i, a, b) - margin, (a, b)

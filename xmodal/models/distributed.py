@@ -1,8 +1,7 @@
 """Cross-rank feature exchange for the contrastive losses.
 
 ``gather_with_grad`` returns the batch concatenated over all ranks *with* autograd: the backward
-pass sums every rank's gradient for a rank's rows back onto that rank (torch's all_gather autograd
-function reduce-scatters / all-to-alls). That is what makes a local loss against the gathered batch
+pass sums every rank's gradient for a rank's rows back onto that rank. That is what makes a local loss against the gathered batch
 (open_clip's ``local_loss=True, gather_with_grad=True``) give exactly the single-process gradient
 once DDP averages gradients over ranks, provided each rank scales its loss by the world size (see
 ``losses.ContrastiveLoss``). Ranks may hold different batch sizes (a short last batch): rows are
@@ -15,7 +14,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 
 
 def world() -> tuple[int, int]:
@@ -23,6 +21,31 @@ def world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+class _AllGatherSum(torch.autograd.Function):
+    """all_gather forward; backward = the sum over ranks of the gradient for this rank's rows.
+
+    An all_reduce of the whole gradient then a slice, rather than torch's deprecated
+    ``torch.distributed.nn.functional.all_gather``: every backend (gloo, NCCL) supports it and the
+    gathered features are small (batch x embedding).
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor) -> torch.Tensor:
+        world_size = dist.get_world_size()
+        ctx.rows = x.shape[0]  # type: ignore[attr-defined]
+        ctx.rank = dist.get_rank()  # type: ignore[attr-defined]
+        out = x.new_empty((world_size * x.shape[0], *x.shape[1:]))
+        dist.all_gather_into_tensor(out, x.contiguous())
+        return out
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        start = ctx.rank * ctx.rows  # type: ignore[attr-defined]
+        return grad[start : start + ctx.rows]  # type: ignore[attr-defined]
 
 
 @dataclass
@@ -46,7 +69,7 @@ def gather_with_grad(x: torch.Tensor) -> Gathered:
     sizes = [int(s.item()) for s in sizes_list]
     longest = max(sizes)
     padded = torch.cat([x, x.new_zeros((longest - n, *x.shape[1:]))]) if n < longest else x
-    parts = dist_fn.all_gather(padded)
+    parts = _AllGatherSum.apply(padded).split(longest)
     rows = torch.cat([p[:s] for p, s in zip(parts, sizes)])
     return Gathered(rows, sum(sizes[:rank]), world_size)
 

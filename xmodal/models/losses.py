@@ -58,10 +58,12 @@ class ContrastiveLoss(nn.Module, abc.ABC):
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """``image``/``profile``: L2-normalised (n, E) embeddings of this rank's rows; ``valid``:
         (n,) bool, rows that have both modalities. Returns the rank's loss and global stats."""
-        # Similarities in bf16 would blur the softmax at high logit scales: compute in fp32.
+        # Similarities in bf16 would blur the softmax at high logit scales: at least fp32.
         with torch.autocast(device_type=image.device.type, enabled=False):
+            dtype = torch.promote_types(image.dtype, torch.float32)
+            image, profile = image.to(dtype), profile.to(dtype)
             n, e = image.shape
-            packed = torch.cat([image.float(), profile.float(), valid[:, None].float()], dim=1)
+            packed = torch.cat([image, profile, valid[:, None].to(dtype)], dim=1)
             g = gather_with_grad(packed)
             all_image, all_profile, all_valid = g.rows[:, :e], g.rows[:, e : 2 * e], g.rows[:, -1] > 0.5
             total = g.rows.shape[0]
@@ -74,9 +76,9 @@ class ContrastiveLoss(nn.Module, abc.ABC):
             # Rows that do not count still need one finite logit so that their (discarded) softmax
             # has no NaN to leak into the backward pass.
             pair_ok = pair_ok | ~valid[:, None]
-            scale = self.logit_scale.exp()
-            i2p = scale * image.float() @ all_profile.T
-            p2i = scale * profile.float() @ all_image.T
+            scale = self.logit_scale.to(dtype).exp()
+            i2p = scale * image @ all_profile.T
+            p2i = scale * profile @ all_image.T
             per_row = self.pair_loss(i2p, p2i, targets, pair_ok)
             n_valid = all_valid.sum().clamp(min=1)
             share = torch.where(valid, per_row, torch.zeros_like(per_row)).sum() / n_valid
@@ -104,7 +106,7 @@ def _top1_hits(
 ) -> torch.Tensor:
     """How many valid rows rank their own partner first among all valid columns."""
     best = logits.masked_fill(~col_valid[None, :], float("-inf")).argmax(dim=1)
-    return ((best == targets) & row_valid).sum().float()
+    return ((best == targets) & row_valid).sum().to(logits.dtype)
 
 
 class ClipLoss(ContrastiveLoss):
@@ -139,7 +141,7 @@ class SigLipLoss(ContrastiveLoss):
     ) -> torch.Tensor:
         columns = torch.arange(i2p.shape[1], device=i2p.device)
         z = torch.where(columns[None, :] == targets[:, None], 1.0, -1.0)
-        pair = -F.logsigmoid(z * (i2p + self.logit_bias.float()))
+        pair = -F.logsigmoid(z * (i2p + self.logit_bias.to(i2p.dtype)))
         return torch.where(pair_ok, pair, torch.zeros_like(pair)).sum(dim=1)
 
     def forward(

@@ -30,7 +30,7 @@ import pyarrow as pa  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from xmodal.data.schema import ShardWriter, make_record  # noqa: E402
-from xmodal.data.synth import encode_png, particle_table, synthesize  # noqa: E402
+from xmodal.data.synth import encode_png, particle_id, particle_table, synthesize  # noqa: E402
 from xmodal.data.synth_image import render_images  # noqa: E402
 from xmodal.data.synth_latents import Latents, sample_latents  # noqa: E402
 from xmodal.data.synth_profile import render_profiles  # noqa: E402
@@ -93,7 +93,7 @@ def plain_loop(n: int, image_size: int, domain: str, out: Path) -> Clock:
             prof = render_profiles(p, style, rng)[0]
             name = species[int(p.species[0])].name
             writer.write(
-                make_record(f"synth:{domain}_{i:07d}", "synth", domain, name, pil_png(img), img.shape, prof)
+                make_record(particle_id(domain, i), domain, domain, name, pil_png(img), img.shape, prof)
             )
     return c
 

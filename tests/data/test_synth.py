@@ -112,10 +112,22 @@ def test_both_formats_hold_the_same_particles(syke, parquet):
         rows = pq.read_table(sorted((p_out / domain).glob("*.parquet"))).to_pylist()
         ann = _annotations(s_out / domain)
         for r, a in zip(rows, ann):
-            assert r["particle_id"] == f"synth:{a['particle_id']}"
+            assert r["particle_id"] == f"{domain}:{a['particle_id']}" and r["source"] == domain
             assert r["image"] == (s_out / domain / a["image"]).read_bytes()
             prof = np.asarray(r["profile"], dtype=np.float32).reshape(6, r["profile_length"])
             np.testing.assert_array_equal(prof, _profile_file(s_out / domain / a["profile"]))
+
+
+def test_syke_layout_through_the_real_reader_equals_direct_parquet(tmp_path, syke, parquet):
+    """`xmodal ingest` of the SYKE files gives exactly the rows written straight to Parquet."""
+    ingest = pytest.importorskip("xmodal.data.ingest").ingest
+    (s_out, _), (p_out, _) = syke, parquet
+    report = ingest(s_out, tmp_path, fmt="syke", quiet=True)
+    for domain, n in SIZES.items():
+        assert (report.domains[domain].seen, report.domains[domain].ingested) == (n, n)
+        ingested = pq.read_table(sorted((tmp_path / domain).glob("*.parquet")))
+        direct = pq.read_table(sorted((p_out / domain).glob("*.parquet")))
+        assert ingested.sort_by("particle_id").equals(direct.sort_by("particle_id"))
 
 
 def test_deterministic_bytes(tmp_path, syke):
@@ -154,7 +166,7 @@ def test_particle_table_equals_make_record_rows():
         table = particle_table(domain, 7, lat, images, profiles, species)
         labelled = DOMAINS[domain].labelled
         records = [
-            make_record(f"synth:{domain}_{7 + i:07d}", "synth", domain,
+            make_record(f"{domain}:{domain}_{7 + i:07d}", domain, domain,
                         species[s].name if labelled else None, encode_png(im), im.shape, p)
             for i, (s, im, p) in enumerate(zip(lat.species.tolist(), images, profiles))
         ]  # fmt: skip
@@ -262,3 +274,17 @@ def test_empty_domains_are_skipped(tmp_path):
     summary = synthesize(tmp_path, 5, 0, 0, fmt="parquet")
     assert list(summary["domains"]) == ["LAB"]
     assert not (tmp_path / "SEA").exists()
+
+
+def test_rerun_replaces_earlier_output_and_refuses_foreign_folders(tmp_path, capsys):
+    synthesize(tmp_path, 30, 20, 0, fmt="parquet", progress=True)
+    assert "synth LAB: 30/30 (100%)" in capsys.readouterr().err
+    synthesize(tmp_path, 10, 0, 0, fmt="parquet")  # a smaller rerun must not keep old rows or domains
+    assert pq.read_table(sorted((tmp_path / "LAB").glob("*.parquet"))).num_rows == 10
+    assert not (tmp_path / "SEA").exists()
+    foreign = tmp_path / "other"
+    (foreign / "LAB").mkdir(parents=True)
+    (foreign / "LAB" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not written by xmodal synth"):
+        synthesize(foreign, 5, 0, 0)
+    assert (foreign / "LAB" / "notes.txt").read_text() == "mine"

@@ -11,15 +11,17 @@ Output layouts:
   ``FWS,SWS,FL Yellow,FL Orange,FL Red,Curvature``, L rows, mV) — the layout the real reader ingests;
 * ``fmt="parquet"``: ``out/<DOMAIN>/part-*.parquet`` rows of ``xmodal.data.schema`` (PNG bytes).
 
-Both also write ``out/synth.json`` (species, domains, counts). Generation runs in fixed chunks, each
-with its own generator derived from ``(seed, domain, chunk)``, so the bytes written depend only on
-the arguments.
+Both also write ``out/synth.json`` (species, domains, counts). A particle's Parquet ``particle_id`` is
+``<DOMAIN>:<DOMAIN>_<index>`` with ``source`` = the domain folder: exactly what ``xmodal ingest`` gives
+the same particle read from the SYKE layout. Generation runs in fixed chunks, each with its own
+generator derived from ``(seed, domain, chunk)``, so the bytes written depend only on the arguments.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import shutil
 import struct
 import sys
 import time
@@ -84,6 +86,17 @@ def generate_chunks(
         yield lat, render_images(lat, image_size, style, rng), render_profiles(lat, style, rng)
 
 
+def file_stem(domain: str, i: int) -> str:
+    """Name of particle ``i`` in the SYKE layout (image, profile and ``particle_id`` column)."""
+    return f"{domain}_{i:07d}"
+
+
+def particle_id(domain: str, i: int) -> str:
+    """The Parquet ``particle_id``: ``<source>:<id>`` with the domain folder as source — the same id
+    ``xmodal ingest`` gives the particle when it reads the SYKE layout, so both paths agree."""
+    return f"{domain}:{file_stem(domain, i)}"
+
+
 def particle_table(
     domain: str,
     first: int,
@@ -106,8 +119,8 @@ def particle_table(
     mask_offsets = np.arange(0, N_CHANNELS * (n + 1), N_CHANNELS, dtype=np.int32)
     names = [species[s].name for s in lat.species.tolist()]
     cols = {
-        "particle_id": [f"synth:{domain}_{i:07d}" for i in range(first, first + n)],
-        "source": ["synth"] * n,
+        "particle_id": [particle_id(domain, i) for i in range(first, first + n)],
+        "source": [domain] * n,
         "domain": [domain] * n,
         "label": names if labelled else [None] * n,
         "has_image": np.ones(n, dtype=bool),
@@ -150,13 +163,42 @@ def _write_syke(out: Path, domain: str, chunks, species: list[Species], counts: 
         ann.writerow(["image", "profile", "class", "particle_id"])
         for lat, images, profiles in chunks:
             for s, img, prof in zip(lat.species.tolist(), images, profiles):
-                pid = f"{domain}_{i:07d}"
+                pid = file_stem(domain, i)
                 name = species[s].name
                 counts[name] += 1
                 (root / "images" / f"{pid}.png").write_bytes(encode_png(img))
                 (root / "profiles" / f"{pid}.csv").write_text(profile_csv(prof))
                 ann.writerow([f"images/{pid}.png", f"profiles/{pid}.csv", name if labelled else "", pid])
                 i += 1
+
+
+def _prepare_domain(out: Path, domain: str) -> None:
+    """Clear ``out/<domain>`` left by an earlier ``synthesize`` run (so a rerun never mixes old
+    shards or files with new ones); refuse to touch a non-empty folder that synth did not write."""
+    dest = out / domain
+    if not dest.exists() or not any(dest.iterdir()):
+        return
+    if not (out / "synth.json").is_file():
+        raise FileExistsError(
+            f"synth: {dest} exists, is not empty and was not written by xmodal synth (no {out / 'synth.json'}); "
+            "choose an empty output folder"
+        )
+    shutil.rmtree(dest)
+
+
+def _with_progress(domain: str, n: int, chunks: Iterator, every_s: float = 2.0) -> Iterator:
+    """Pass chunks through, printing done/total, rate and ETA to stderr at most every ``every_s``."""
+    t0 = last = time.perf_counter()
+    done = 0
+    for chunk in chunks:
+        yield chunk
+        done += len(chunk[0])
+        now = time.perf_counter()
+        if now - last >= every_s or done == n:
+            last = now
+            rate = done / max(now - t0, 1e-9)
+            print(f"synth {domain}: {done}/{n} ({100 * done / n:.0f}%), {rate:.0f} particles/s, "
+                  f"ETA {(n - done) / rate:.0f} s", file=sys.stderr)  # fmt: skip
 
 
 def synthesize(
@@ -173,7 +215,8 @@ def synthesize(
     """Write a synthetic LAB/SEA/UTO data set under ``out``; returns the summary (also ``out/synth.json``).
 
     ``n_species`` biological taxa plus ``detritus``; taxa flagged field-only never occur in LAB.
-    ``progress`` prints one line per domain with the rate, to stderr.
+    Domains with 0 particles are not written. Domain folders of an earlier run into ``out`` are
+    replaced. ``progress`` prints periodic lines (done, rate, ETA) to stderr.
     """
     if fmt not in FORMATS:
         raise ValueError(f"synth: unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -188,15 +231,14 @@ def synthesize(
     species = catalogue(n_species)
     writer = _write_parquet if fmt == "parquet" else _write_syke
     domains: dict[str, Any] = {}
+    for domain in sizes:
+        _prepare_domain(out, domain)
     for domain, n in sizes.items():
         if n == 0:
             continue
-        t0 = time.perf_counter()
         counts: Counter = Counter()
-        writer(out, domain, generate_chunks(domain, n, seed, image_size, species), species, counts)
-        if progress:
-            dt = time.perf_counter() - t0
-            print(f"synth {domain}: {n} particles in {dt:.1f} s ({n / max(dt, 1e-9):.0f}/s)", file=sys.stderr)
+        chunks = generate_chunks(domain, n, seed, image_size, species)
+        writer(out, domain, _with_progress(domain, n, chunks) if progress else chunks, species, counts)
         domains[domain] = {
             "particles": n,
             "labelled": DOMAINS[domain].labelled,

@@ -17,6 +17,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from xmodal.data.synth import generate_chunks
+from xmodal.data.synth_image import um_per_px
 from xmodal.data.synth_species import catalogue
 
 
@@ -72,14 +73,18 @@ def profile_features(p: np.ndarray) -> np.ndarray:
     )
 
 
-@pytest.fixture(scope="module")
-def lab_features() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _features(domain: str, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     species, images, profiles = [], [], []
-    for lat, ims, prs in generate_chunks("LAB", 1536, 0, 64, catalogue(12)):
+    for lat, ims, prs in generate_chunks(domain, n, 0, 64, catalogue(12)):
         species.append(lat.species)
         images += [image_features(im) for im in ims]
         profiles += [profile_features(p) for p in prs]
     return np.concatenate(species), np.array(images), np.array(profiles)
+
+
+@pytest.fixture(scope="module")
+def lab_features() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return _features("LAB", 1536)
 
 
 def _knn_accuracy(x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
@@ -121,3 +126,32 @@ def test_twins_confuse_exactly_one_modality(lab_features):
     # only partly alike in profile (irregular spacing makes overlaps along the flow), so a smaller margin
     for (a, b), margin in [(("navicula", "chaetoceros"), 0.3), (("microcystis", "pediastrum"), 0.05)]:
         assert recall(pred_p, a, b) < recall(pred_i, a, b) - margin, (a, b)
+
+
+def test_lab_to_sea_is_harder(lab_features):
+    """SEA is shifted (size, noise, blur, background, debris, pigment load): a LAB gallery transfers worse."""
+    y, img, prof = lab_features
+    ys, img_s, prof_s = _features("SEA", 1024)
+    keep = np.isin(ys, np.unique(y))  # SEA also holds species never seen in LAB
+    for x, xs, margin in [(img, img_s, 0.15), (np.hstack([img, prof]), np.hstack([img_s, prof_s]), 0.01)]:
+        in_domain, _ = _knn_accuracy(x, y)
+        model = make_pipeline(StandardScaler(), KNeighborsClassifier(n_neighbors=5)).fit(x, y)
+        cross = float(np.mean(model.predict(xs[keep]) == ys[keep]))
+        assert cross < in_domain - margin, f"LAB->SEA {cross} vs LAB->LAB {in_domain}"
+
+
+def test_image_and_profile_describe_the_same_particle():
+    """The image x axis is the flow axis: a particle's width along x in the crop predicts its pulse length."""
+    extent, length = [], []
+    for _, images, profiles in generate_chunks("LAB", 512, 1, 64, catalogue(12)):
+        for im, p in zip(images, profiles):
+            if im.shape[0] == 64:  # the largest crops may be shrunk to fit: their pixel pitch differs
+                continue
+            g = im.astype(np.float64)
+            dark = np.median(np.r_[g[0], g[-1], g[:, 0], g[:, -1]]) - g > 12.0
+            cols = np.nonzero(dark.any(axis=0))[0]
+            extent.append((cols.max() - cols.min() + 1) * um_per_px(64) if len(cols) else 0.0)
+            length.append(p.shape[1])
+    rank = lambda v: np.argsort(np.argsort(v))  # noqa: E731
+    assert len(extent) > 200
+    assert np.corrcoef(rank(extent), rank(length))[0, 1] > 0.9

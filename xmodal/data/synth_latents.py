@@ -88,7 +88,7 @@ def sample_species(sp: Species, index: int, n: int, style: DomainStyle, rng: np.
     theta = rng.uniform(0, np.pi, size=n) if isotropic else rng.normal(0.0, style.theta_sd, size=n)
     # a shared pigment load (light history, growth phase) times small per-pigment deviations: absolute
     # fluorescence spans a wide range while the pigment ratios that tell species apart stay tight
-    pig = np.exp(rng.normal(0.0, 0.9, size=(n, 1)) + rng.normal(0.0, 0.2, size=(n, 3)))
+    pig = style.pigment_scale * np.exp(rng.normal(0.0, 0.9, size=(n, 1)) + rng.normal(0.0, 0.2, size=(n, 3)))
     lateral = rng.uniform(-1.0, 1.0, size=n)
     return Latents(
         species=np.full(n, index, dtype=np.int64),

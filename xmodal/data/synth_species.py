@@ -130,14 +130,15 @@ class DomainStyle:
     baseline_mv: float  # max detector baseline offset
     theta_sd: float  # orientation spread around the flow axis (rad)
     order_seed: int  # permutes which species are common and which are rare
+    pigment_scale: float  # multiplies pigment loads (high-light field cells carry less than cultures)
 
 
 # fmt: off
 DOMAINS: dict[str, DomainStyle] = {
-    #                        labelled zipf  detr  size  spread  background   grad  blur         noise debris prof base theta order
-    "LAB": DomainStyle("LAB", True,  0.8, 0.05, 1.0,  1.0, (186.0, 3.0),  4.0, (0.5, 0.9), 2.0, 0.0, 1.0, 0.5, 0.35, 1),
-    "SEA": DomainStyle("SEA", True,  1.1, 0.15, 0.85, 1.4, (172.0, 10.0), 14.0, (0.7, 1.6), 4.5, 1.5, 2.0, 1.5, 0.55, 2),
-    "UTO": DomainStyle("UTO", False, 1.0, 0.2,  1.1,  1.3, (178.0, 8.0),  10.0, (0.6, 1.4), 3.5, 1.0, 1.6, 1.2, 0.5, 3),
+    #                        labelled zipf  detr  size  spread  background   grad  blur         noise debris prof base theta order pigm
+    "LAB": DomainStyle("LAB", True,  0.8, 0.05, 1.0,  1.0, (186.0, 3.0),  4.0, (0.5, 0.9), 2.0, 0.0, 1.0, 0.5, 0.35, 1, 1.0),
+    "SEA": DomainStyle("SEA", True,  1.1, 0.15, 0.85, 1.4, (172.0, 10.0), 14.0, (0.7, 1.6), 4.5, 1.5, 2.0, 1.5, 0.55, 2, 0.6),
+    "UTO": DomainStyle("UTO", False, 1.0, 0.2,  1.1,  1.3, (178.0, 8.0),  10.0, (0.6, 1.4), 3.5, 1.0, 1.6, 1.2, 0.5, 3, 1.0),
 }
 # fmt: on
 

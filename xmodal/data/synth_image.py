@@ -28,6 +28,11 @@ _LUT_STEP = 0.25  # px of signed distance per edge-profile entry
 LUT_SD = np.arange(-8.0, 8.0 + _LUT_STEP / 2, _LUT_STEP)  # distances tabulated by edge_lut
 
 
+def _col(v) -> np.ndarray:
+    """Per-crop values as a float32 (n, 1, 1) column that broadcasts over the crop's pixels."""
+    return np.asarray(v, dtype=_F)[:, None, None]
+
+
 def um_per_px(image_size: int) -> float:
     """Pixel pitch: a 64-px crop spans 32 µm; larger particles are shown shrunk into the largest crop."""
     return 32.0 / image_size
@@ -75,9 +80,8 @@ def _texture(n: int, side: int, rng: np.random.Generator) -> np.ndarray:
     g = side // _TEX_CELL + 2
     coarse = rng.standard_normal((n, g, g), dtype=_F)
     pos = np.arange(side) / _TEX_CELL
-    up = np.maximum(0.0, 1.0 - np.abs(pos[:, None] - np.arange(g)[None, :])).astype(
-        _F
-    )  # (side, g) hat weights
+    hat = np.maximum(0.0, 1.0 - np.abs(pos[:, None] - np.arange(g)[None, :]))  # (side, g) weights
+    up = hat.astype(_F)
     return up @ coarse @ up.T
 
 
@@ -102,7 +106,6 @@ def _quad(lat: Latents, j: np.ndarray, k: int, scale: np.ndarray) -> tuple[np.nd
 def _field_uniform(lat, idx, scale, gx, gy, world, sd: np.ndarray) -> None:
     """``sd`` for particles whose cells share one shape: q_k(p) = Q(p) + (linear in p)_k, so the
     union needs only the min over cheap per-cell planes (2 array ops per cell instead of 4)."""
-    col = lambda v: np.asarray(v, dtype=_F)[:, None, None]  # noqa: E731
     qa, qb, qc, hb = _quad(lat, idx, 0, scale)
     best = np.full(sd.shape, np.inf, dtype=_F)
     plane = np.empty_like(best)  # reused: a fresh 1-MB temporary per cell costs more than the maths
@@ -114,28 +117,27 @@ def _field_uniform(lat, idx, scale, gx, gy, world, sd: np.ndarray) -> None:
         alpha = -2.0 * qa[:m] * xk - qb[:m] * yk
         beta = -qb[:m] * xk - 2.0 * qc[:m] * yk
         gamma = qa[:m] * xk * xk + qb[:m] * xk * yk + qc[:m] * yk * yk
-        np.add(col(alpha) * gx[:m] + col(gamma), col(beta) * gy[:m], out=plane[:m])
+        np.add(_col(alpha) * gx[:m] + _col(gamma), _col(beta) * gy[:m], out=plane[:m])
         np.minimum(best[:m], plane[:m], out=best[:m])
-    sd[:] = (col(qb) * gx) * gy
-    sd += col(qa) * gx * gx
-    sd += col(qc) * gy * gy - col(hb)
+    sd[:] = (_col(qb) * gx) * gy
+    sd += _col(qa) * gx * gx
+    sd += _col(qc) * gy * gy - _col(hb)
     sd += best
 
 
 def _field_general(lat, idx, scale, gx, gy, world, sd: np.ndarray) -> None:
     """``sd`` for particles whose cells differ in size or rotation (detritus): cell by cell."""
-    col = lambda v: np.asarray(v, dtype=_F)[:, None, None]  # noqa: E731
     sd[:] = np.inf
     ncell = lat.n_cells[idx]
     for k in range(int(ncell[0])):
         m = int(np.count_nonzero(ncell > k))
         j = idx[:m]
         qa, qb, qc, hb = _quad(lat, j, k, scale[:m])
-        dx = gx[:m] - col(world[0][j, k] / scale[:m])
-        dy = gy[:m] - col(world[1][j, k] / scale[:m])
-        q = (col(qb) * dx) * dy
-        q += col(qa) * dx * dx
-        q += col(qc) * dy * dy - col(hb)
+        dx = gx[:m] - _col(world[0][j, k] / scale[:m])
+        dy = gy[:m] - _col(world[1][j, k] / scale[:m])
+        q = (_col(qb) * dx) * dy
+        q += _col(qa) * dx * dx
+        q += _col(qc) * dy * dy - _col(hb)
         np.minimum(sd[:m], q, out=sd[:m])
 
 
@@ -183,12 +185,12 @@ def _spines(
         rho = a * b / np.sqrt((b * np.cos(psi)) ** 2 + (a * np.sin(psi)) ** 2)
         ang = lat.theta[j] + lat.crot[j, 0] + psi
         ux, uy = np.cos(ang), np.sin(ang)
-        px = gx[sub] - ((x[j, 0] + rho * ux) * inv).astype(_F)[:, None, None]
-        py = gy[sub] - ((y[j, 0] + rho * uy) * inv).astype(_F)[:, None, None]
-        ux, uy = ux.astype(_F)[:, None, None], uy.astype(_F)[:, None, None]
-        t = np.clip(px * ux + py * uy, 0.0, (lat.spine_len[j] * inv).astype(_F)[:, None, None])
+        px = gx[sub] - _col((x[j, 0] + rho * ux) * inv)
+        py = gy[sub] - _col((y[j, 0] + rho * uy) * inv)
+        ux, uy = _col(ux), _col(uy)
+        t = np.clip(px * ux + py * uy, 0.0, _col(lat.spine_len[j] * inv))
         d2 = (px - t * ux) ** 2 + (py - t * uy) ** 2
-        width2 = (0.6 + blur[sub] ** 2).astype(_F)[:, None, None]
+        width2 = _col(0.6 + blur[sub] ** 2)
         dark[sub] = np.maximum(dark[sub], (0.45 / width2) * np.clip(1.0 - d2 / width2, 0.0, 1.0))
 
 
@@ -215,30 +217,29 @@ def _render_batch(
     style: DomainStyle,
     rng: np.random.Generator,
 ) -> np.ndarray:
+    """uint8 crops (n, side, side) of the particles ``idx`` (ordered as ``_cells_field`` needs)."""
     n = len(idx)
-    col = lambda v: np.asarray(v, dtype=_F)[:, None, None]  # noqa: E731
     grid = np.arange(side, dtype=_F) - _F((side - 1) / 2.0)
     off = rng.uniform(-1.0, 1.0, size=(n, 2))
-    gx, gy = grid[None, None, :] - col(off[:, 0]), grid[None, :, None] - col(off[:, 1])
+    gx, gy = grid[None, None, :] - _col(off[:, 0]), grid[None, :, None] - _col(off[:, 1])
     sd = _cells_field(lat, idx, scale, gx, gy, world)
     blur = rng.uniform(*style.blur_px, size=n)
     lut = edge_lut(lat.opacity[idx], blur)
-    pos = np.clip(sd * _F(1 / _LUT_STEP) + _F(-LUT_SD[0] / _LUT_STEP + 0.5), 0, len(LUT_SD) - 1).astype(
-        np.int32
-    )
-    pos += (np.arange(n, dtype=np.int32) * len(LUT_SD))[:, None, None]
+    # nearest tabulated distance, offset into this crop's row of the flattened table
+    pos = np.clip(sd * _F(1 / _LUT_STEP) + _F(0.5 - LUT_SD[0] / _LUT_STEP), 0, len(LUT_SD) - 1)
+    pos = pos.astype(np.int32) + (np.arange(n, dtype=np.int32) * len(LUT_SD))[:, None, None]
     dark = np.take(lut, pos)
     hollow = np.nonzero(lat.hollow[idx] > 0)[0]
     if len(hollow):  # lighter interior: depth below the boundary relative to the half-width
-        depth = np.clip(sd[hollow] * col(-2.0 * scale[hollow] / lat.cb[idx[hollow], 0]), 0.0, 1.0)
-        dark[hollow] *= 1.0 - col(0.75 * lat.hollow[idx[hollow]]) * depth
-    dark *= 1.0 + col(0.5 * lat.texture[idx]) * _texture(n, side, rng)
+        depth = np.clip(sd[hollow] * _col(-2.0 * scale[hollow] / lat.cb[idx[hollow], 0]), 0.0, 1.0)
+        dark[hollow] *= 1.0 - _col(0.75 * lat.hollow[idx[hollow]]) * depth
+    dark *= 1.0 + _col(0.5 * lat.texture[idx]) * _texture(n, side, rng)
     _spines(lat, idx, scale, gx, gy, blur, world, dark)
     _debris(style, gx, gy, dark, rng)
     level = rng.normal(style.bg_level[0], style.bg_level[1], size=n)
     ang = rng.uniform(0, 2 * np.pi, size=n)
     grad = rng.uniform(0, style.bg_gradient, size=n) / side
-    bg = col(level) + col(grad * np.cos(ang)) * gx + col(grad * np.sin(ang)) * gy
+    bg = _col(level) + _col(grad * np.cos(ang)) * gx + _col(grad * np.sin(ang)) * gy
     img = bg * (1.0 - np.minimum(dark, 0.95))
     noise = np.frombuffer(rng.bytes(img.size), dtype=np.int8).reshape(img.shape)
     img += noise * _F(style.img_noise / 73.9)  # uniform bytes, scaled to the noise sd

@@ -288,3 +288,17 @@ def test_rerun_replaces_earlier_output_and_refuses_foreign_folders(tmp_path, cap
     with pytest.raises(FileExistsError, match="not written by xmodal synth"):
         synthesize(foreign, 5, 0, 0)
     assert (foreign / "LAB" / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("image_size,n_species", [(32, 12), (128, 20), (64, 3)])
+def test_other_sizes_and_catalogues(tmp_path, image_size, n_species):
+    summary = synthesize(tmp_path, 40, 20, 40, fmt="parquet", image_size=image_size, n_species=n_species)
+    assert len(summary["species"]) == n_species + 1
+    for domain in ("LAB", "SEA", "UTO"):
+        table = pq.read_table(
+            sorted((tmp_path / domain).glob("*.parquet")), columns=["image_height", "label"]
+        )
+        sides = set(table.column("image_height").to_pylist())
+        assert sides <= set(range(max(8, image_size // 4), image_size + 1, 8)), sides
+        labels = {v for v in table.column("label").to_pylist() if v is not None}
+        assert labels <= set(summary["species"])

@@ -32,7 +32,15 @@ def _check_all_paths(ev, gallery, labels, queries, k, n_classes) -> np.ndarray:
 
 
 @pytest.mark.parametrize("k", [1, 3, 5])
-def test_random_data_all_combinations(ev, k: int) -> None:
+def test_random_data_all_combinations(ev, k: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    refined_rows = []
+    rerank, brute = knn._rerank, knn.exact_predict
+    monkeypatch.setattr(knn, "_rerank", lambda g, q, *a: refined_rows.append(len(q)) or rerank(g, q, *a))
+    monkeypatch.setattr(
+        knn,
+        "exact_predict",
+        lambda g, labels, q, *a: refined_rows.append(len(next(iter(q.values())))) or brute(g, labels, q, *a),
+    )
     rng = np.random.default_rng(k)
     n_classes, g, q, d = 5, 30, 150, 24
     labels = rng.integers(0, n_classes, g)
@@ -44,6 +52,7 @@ def test_random_data_all_combinations(ev, k: int) -> None:
         gm, qm = parse_combo(combo)
         pred = _check_all_paths(ev, {m: gal[m] for m in gm}, labels, {m: qry[m] for m in qm}, k, n_classes)
         assert (pred == yq).mean() > 1.5 / n_classes  # the data carry signal, so the test is not vacuous
+    assert sum(refined_rows) < 0.1 * q * len(COMBOS)  # FAISS decides most rows; float64 only the doubtful
 
 
 def test_tied_data_all_combinations(ev, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -56,18 +65,22 @@ def test_tied_data_all_combinations(ev, monkeypatch: pytest.MonkeyPatch) -> None
     gal = {m: _unit(pool[rng.integers(0, 6, g)]) for m in ("image", "profile")}
     queries = np.concatenate([pool[rng.integers(0, 6, 60)], rng.choice([-1.0, 1.0], size=(60, 16))])
     qry = {"image": _unit(queries), "profile": _unit(queries[::-1].copy())}
-    refined = []
-    original = knn.exact_predict
-    monkeypatch.setattr(
-        knn,
-        "exact_predict",
-        lambda *a: refined.append(len(a[2]["image" if "image" in a[2] else "profile"])) or original(*a),
-    )  # noqa: E501
+    calls = {"_rerank": 0, "exact_predict": 0}
+    for name in calls:
+        original = getattr(knn, name)
+
+        def counting(*args, _name=name, _original=original):
+            calls[_name] += 1
+            return _original(*args)
+
+        monkeypatch.setattr(knn, name, counting)
     for k in (1, 3, 4):
         for combo in COMBOS:
             gm, qm = parse_combo(combo)
             _check_all_paths(ev, {m: gal[m] for m in gm}, labels, {m: qry[m] for m in qm}, k, n_classes)
-    assert sum(refined) > 0  # tied rows went through the float64 path
+    # Tied rows went through both float64 paths: the shortlist re-rank and, for tie groups longer
+    # than the shortlist, brute force.
+    assert calls["_rerank"] > 0 and calls["exact_predict"] > 0
 
 
 def test_exact_match_takes_the_vote() -> None:

@@ -16,10 +16,11 @@ Ties, deterministic (the authors leave the first to ``argpartition`` and the sec
 * equal vote totals (within a relative ``TIE_RTOL``): the class with the smallest class code wins;
   callers encode classes in sorted name order, so that is the alphabetically first class.
 
-Predictions are those of exact float64 arithmetic. FAISS searches float32 copies (fast); a query whose
-float32 neighbour set or vote could differ from the float64 one within a proven rounding bound is
-re-done in float64 by brute force (``exact_search``). On random embeddings that is well under 1% of
-queries; on tied data it is the tied queries.
+Predictions are those of exact float64 arithmetic. FAISS searches float32 copies (fast) for a
+shortlist a few entries longer than k. A query whose float32 neighbour set or vote could differ from
+the float64 one within a proven rounding bound (``similarity_tolerance``) is re-ranked in float64:
+over its shortlist when that provably holds every contender, else by brute force (``exact_search``).
+On random embeddings that is about 1% of queries; on tied data it is the tied queries.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ EXACT_DISTANCE = 1e-9
 TIE_RTOL = 1e-9
 GPU_SIM_TOLERANCE = 2e-3  # cuBLAS may run float32 GEMMs as TF32 (10-bit mantissa)
 _QUERY_CHUNK = 4096  # rows per float64 brute-force block (bounds memory at chunk x gallery)
+SHORTLIST_EXTRA = 8
 
 Shortlist = tuple[np.ndarray, np.ndarray]  # (similarities (Q, m) descending, gallery indices (Q, m))
 
@@ -55,9 +57,10 @@ def use_gpu() -> bool:
 
 
 def similarity_tolerance(dim: int) -> float:
-    """Bound on |float32 FAISS similarity - float64 similarity| for unit vectors of width ``dim``:
-    rounding the inputs (2u) plus accumulating ``dim`` products ((dim - 1)u), doubled for slack."""
-    bound = 2.0 * (dim + 2) * 2.0**-24
+    """Bound on |float32 FAISS similarity - float64 similarity| for unit vectors of width ``dim``
+    (u = 2^-24): rounding the inputs (2u) plus summing ``dim`` products in any order ((dim - 1)u),
+    each relative to sum |x_i y_i| <= 1, plus one u of slack."""
+    bound = (dim + 2) * 2.0**-24
     return max(bound, GPU_SIM_TOLERANCE) if use_gpu() else bound
 
 
@@ -90,15 +93,29 @@ def exact_search(gallery64: np.ndarray, queries64: np.ndarray, k: int) -> Shortl
     return sims, idx
 
 
-def merge_shortlists(parts: list[Shortlist], offsets: list[int], k: int) -> Shortlist:
-    """Top-``k`` of the union of shortlists over disjoint galleries (part j's indices shifted by
-    ``offsets[j]``); equal similarities in combined-index order."""
-    if len(parts) == 1 and offsets[0] == 0:
-        return parts[0][0][:, :k].astype(np.float64), parts[0][1][:, :k]
+def shortlist_width(k: int, gallery_size: int) -> int:
+    """Columns a FAISS shortlist needs for ``knn_predict`` with this k: one past k shows whether
+    the k-th place is contested; ``SHORTLIST_EXTRA`` more usually hold the whole contested group,
+    so that it can be re-ranked in float64 without a brute-force pass."""
+    return min(k + 1 + SHORTLIST_EXTRA, gallery_size)
+
+
+def top_of_union(
+    parts: list[Shortlist], offsets: list[int], k: int
+) -> tuple[Shortlist, np.ndarray, np.ndarray, np.ndarray]:
+    """Shortlists over disjoint galleries (part j's indices shifted by ``offsets[j]``), each sorted
+    by similarity, joined: returns (all listed (sims, idx) unsorted, the k most similar entries'
+    columns (Q, k) in any order, the k-th and (k+1)-th largest similarity (-inf if absent))."""
     sims = np.concatenate([p[0] for p in parts], axis=1).astype(np.float64)
     idx = np.concatenate([p[1] + off for p, off in zip(parts, offsets)], axis=1)
-    order = np.lexsort((idx, -sims), axis=1)[:, :k]
-    return np.take_along_axis(sims, order, axis=1), np.take_along_axis(idx, order, axis=1)
+    width = sims.shape[1]
+    if len(parts) == 1:  # FAISS returns a part sorted: no selection needed
+        order = np.broadcast_to(np.arange(min(k + 1, width)), (len(sims), min(k + 1, width)))
+    else:  # only the k-th and (k+1)-th places matter; the order inside the top k does not
+        order = np.argpartition(-sims, [k - 1, k] if width > k else [k - 1], axis=1)
+    kth = sims[np.arange(len(sims)), order[:, k - 1]]
+    after = sims[np.arange(len(sims)), order[:, k]] if width > k else np.full(len(sims), -np.inf)
+    return (sims, idx), order[:, :k], kth, after
 
 
 def vote(labels: np.ndarray, distances: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -146,22 +163,22 @@ def knn_predict(
     ``queries``: modality -> (N, D) unit rows (float64) of the same N particles; two = query I+P.
     ``query_rows``: the rows of ``queries`` to predict (default all), so that callers need not copy
     a large query matrix per cell.
-    ``shortlists``: optional precomputed ``faiss_search`` results per (gallery modality, query
-    modality) for exactly the predicted rows, with at least min(k + 1, G) columns (lets a caller
-    share one search between combinations). Missing ones are searched here.
+    ``shortlists``: optional ``faiss_search`` results per (gallery modality, query modality) for
+    exactly the predicted rows, with at least ``shortlist_width(k, G)`` columns (lets a caller share
+    one search between combinations). Missing ones are searched here.
     """
     gmods, qmods = list(gallery), list(queries)
     g = len(gallery_labels)
     if g == 0:
         raise ValueError("knn_predict: the gallery is empty")
     k_eff = min(k, g * len(gmods))
-    width = min(k_eff + 1, g)  # one past k shows whether the k-th place is contested
+    width = shortlist_width(k_eff, g)
     labels_all = np.tile(np.asarray(gallery_labels, dtype=np.int64), len(gmods))
     rows = np.arange(len(next(iter(queries.values())))) if query_rows is None else np.asarray(query_rows)
-    n_queries = len(rows)
     tol = similarity_tolerance(next(iter(gallery.values())).shape[1])
-    flagged = np.zeros(n_queries, dtype=bool)
-    pooled_sims, pooled_idx = [], []
+    flagged = np.zeros(len(rows), dtype=bool)  # float32 may have decided differently from float64
+    contained = np.ones(len(rows), dtype=bool)  # every entry that could be in the top k is listed
+    lists, top_sims, top_idx = [], [], []
     for qm in qmods:
         parts = []
         for gm in gmods:
@@ -171,20 +188,43 @@ def knn_predict(
                     gallery[gm].astype(np.float32), queries[qm][rows].astype(np.float32), width
                 )
             parts.append((found[0][:, :width], found[1][:, :width]))
-        sims, idx = merge_shortlists(parts, [j * g for j in range(len(gmods))], k_eff + 1)
-        if sims.shape[1] > k_eff:
-            flagged |= sims[:, k_eff - 1] - sims[:, k_eff] <= 2 * tol
-        pooled_sims.append(sims[:, :k_eff])
-        pooled_idx.append(idx[:, :k_eff])
-    distances = np.maximum(1.0 - np.concatenate(pooled_sims, axis=1), 0.0)
-    neighbour_labels = labels_all[np.concatenate(pooled_idx, axis=1)]
+        (sims, idx), top, kth, after = top_of_union(parts, [j * g for j in range(len(gmods))], k_eff)
+        flagged |= kth - after <= 2 * tol
+        if width < g:  # unlisted entries are at most as similar (float32) as each part's last one
+            unlisted = np.max([p[0][:, -1] for p in parts], axis=0).astype(np.float64)
+            contained &= kth - unlisted > 2 * tol
+        lists.append(idx)
+        top_sims.append(np.take_along_axis(sims, top, axis=1))
+        top_idx.append(np.take_along_axis(idx, top, axis=1))
+    distances = np.maximum(1.0 - np.concatenate(top_sims, axis=1), 0.0)
+    neighbour_labels = labels_all[np.concatenate(top_idx, axis=1)]
     pred, votes = vote(neighbour_labels, distances, n_classes)
     flagged |= _uncertain(distances, votes, pred, tol)
-    if flagged.any():
-        pred[flagged] = exact_predict(
-            gallery, gallery_labels, {m: v[rows[flagged]] for m, v in queries.items()}, k, n_classes
+    rerank = flagged & contained
+    if rerank.any():
+        gallery_all = np.concatenate([gallery[m] for m in gmods], axis=0)
+        found = [
+            _rerank(gallery_all, queries[qm][rows[rerank]], idx[rerank], k_eff)
+            for qm, idx in zip(qmods, lists)
+        ]
+        dist64 = np.maximum(1.0 - np.concatenate([s for s, _ in found], axis=1), 0.0)
+        pred[rerank] = vote(labels_all[np.concatenate([i for _, i in found], axis=1)], dist64, n_classes)[0]
+    brute = flagged & ~contained
+    if brute.any():
+        pred[brute] = exact_predict(
+            gallery, gallery_labels, {m: v[rows[brute]] for m, v in queries.items()}, k, n_classes
         )
     return pred
+
+
+def _rerank(gallery64: np.ndarray, queries64: np.ndarray, idx: np.ndarray, k: int) -> Shortlist:
+    """Float64 similarities of the listed entries ``idx`` (Q, W), top ``k`` by (similarity, lower
+    index first)."""
+    exact = np.empty(idx.shape)
+    for j in range(idx.shape[1]):
+        exact[:, j] = np.einsum("qd,qd->q", queries64, gallery64[idx[:, j]])
+    order = np.lexsort((idx, -exact), axis=1)[:, :k]
+    return np.take_along_axis(exact, order, axis=1), np.take_along_axis(idx, order, axis=1)
 
 
 def exact_predict(

@@ -34,7 +34,7 @@ import numpy as np
 from tqdm import tqdm
 
 from xmodal.eval.embeddings import EmbeddingSet
-from xmodal.eval.knn import Shortlist, faiss_search, knn_predict, l2_normalize
+from xmodal.eval.knn import Shortlist, faiss_search, knn_predict, l2_normalize, shortlist_width
 
 _SIDES = {"I": ("image",), "P": ("profile",), "I+P": ("image", "profile")}
 COMBOS: tuple[str, ...] = tuple(f"{g}-{q}" for g in _SIDES for q in _SIDES)
@@ -331,7 +331,7 @@ def _evaluate_run(
                 for k in ks:
                     cells[(combo, n, k)].skipped[reason] = cells[(combo, n, k)].skipped.get(reason, 0) + 1
                 continue
-            width = min(max(ks) + 1, len(g_idx))
+            width = shortlist_width(max(ks), len(g_idx))
             short = {}
             for gm in gmods:
                 for qm in qmods:

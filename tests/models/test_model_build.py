@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from xmodal.config import Config, config_from_dict
@@ -41,3 +42,52 @@ def test_rows_missing_a_modality_do_not_change_the_loss(make_batch) -> None:
     sub = {k: v[keep] for k, v in batch.items()}
     sub_loss, stats = model(sub)
     torch.testing.assert_close(full_loss, sub_loss)
+
+
+@pytest.mark.parametrize(
+    ("loss", "encoder", "kwargs"),
+    [
+        ("siglip", "lstm", {"hidden": 8, "layers": 1}),
+        ("clip", "transformer", {"width": 16, "depth": 1, "heads": 2}),
+    ],
+)
+def test_losses_and_profile_encoders_are_chosen_by_name(make_batch, loss, encoder, kwargs) -> None:
+    cfg = config_from_dict(
+        {
+            "loss": {"name": loss},
+            "model": {"profile_encoder": encoder, "profile_kwargs": kwargs, "metadata": False},
+        }
+    )
+    model = build_model(cfg)
+    assert type(model.profile_encoder).__name__.lower().endswith(encoder)
+    batch = make_batch(4)
+    del batch["image_meta"], batch["profile_meta"]  # metadata off: not needed
+    loss_value, stats = model(batch)
+    assert torch.isfinite(loss_value)
+    if loss == "siglip":
+        assert stats["logit_bias"] == pytest.approx(-10.0)
+
+
+def test_param_groups_exempt_scale_bias_norms_and_tokens_from_decay() -> None:
+    cfg = config_from_dict(
+        {
+            "loss": {"name": "siglip"},
+            "model": {"profile_encoder": "transformer", "profile_kwargs": {"depth": 1}},
+        }
+    )
+    model = build_model(cfg)
+    groups = model.param_groups(0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    exempt = {names[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert decayed | exempt == set(names.values()) and not decayed & exempt
+    assert {"loss.logit_scale", "loss.logit_bias", "profile_encoder.cls", "profile_encoder.pos"} <= exempt
+    assert "image_head.proj.bias" in exempt and "profile_encoder.norm.weight" in exempt
+    assert "image_head.proj.weight" in decayed and "image_encoder.conv1.0.weight" in decayed
+    assert all(model.get_parameter(n).ndim > 1 for n in decayed)
+
+
+def test_bad_profile_kwargs_name_the_setting() -> None:
+    cfg = config_from_dict({"model": {"profile_kwargs": {"widht": 3}}})
+    with pytest.raises(TypeError, match="model.profile_kwargs for 'cnn'"):
+        build_model(cfg)

@@ -13,12 +13,15 @@ import numpy as np
 import pytest
 from sklearn.model_selection import cross_val_predict
 from sklearn.neighbors import KNeighborsClassifier
-from sklearn.pipeline import make_pipeline
+from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from xmodal.data.synth import generate_chunks
 from xmodal.data.synth_image import um_per_px
 from xmodal.data.synth_species import catalogue
+
+N_LAB, N_SEA = 1024, 512
+MODALITIES = ("image", "profile", "fused")
 
 
 def image_features(img: np.ndarray) -> np.ndarray:
@@ -82,62 +85,60 @@ def _features(domain: str, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.concatenate(species), np.array(images), np.array(profiles)
 
 
+def _knn(x: np.ndarray) -> Pipeline:
+    return make_pipeline(StandardScaler(), KNeighborsClassifier(n_neighbors=5))
+
+
 @pytest.fixture(scope="module")
-def lab_features() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    return _features("LAB", 1536)
+def lab() -> dict[str, np.ndarray]:
+    """LAB labels, features per modality and their 5-fold cross-validated k-NN predictions."""
+    y, img, prof = _features("LAB", N_LAB)
+    out = {"y": y, "image": img, "profile": prof, "fused": np.hstack([img, prof])}
+    for m in MODALITIES:
+        out[f"pred_{m}"] = cross_val_predict(_knn(out[m]), out[m], y, cv=5)
+    return out
 
 
-def _knn_accuracy(x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
-    model = make_pipeline(StandardScaler(), KNeighborsClassifier(n_neighbors=5))
-    pred = cross_val_predict(model, x, y, cv=5)
-    return float(np.mean(pred == y)), pred
+def _accuracy(lab: dict[str, np.ndarray], modality: str) -> float:
+    return float(np.mean(lab[f"pred_{modality}"] == lab["y"]))
 
 
-def test_fusion_beats_each_modality(lab_features):
-    y, img, prof = lab_features
-    acc_i, _ = _knn_accuracy(img, y)
-    acc_p, _ = _knn_accuracy(prof, y)
-    acc_f, _ = _knn_accuracy(np.hstack([img, prof]), y)
-    assert acc_i < 0.9 and acc_p < 0.92, (
-        f"a single modality is nearly perfect: image {acc_i}, profile {acc_p}"
-    )
-    assert acc_f > max(acc_i, acc_p) + 0.05, f"fused {acc_f} vs image {acc_i}, profile {acc_p}"
+def test_fusion_beats_each_modality(lab):
+    acc = {m: _accuracy(lab, m) for m in MODALITIES}
+    assert acc["image"] < 0.9 and acc["profile"] < 0.92, f"a single modality is nearly perfect: {acc}"
+    assert acc["fused"] > max(acc["image"], acc["profile"]) + 0.05, acc
 
 
-def test_twins_confuse_exactly_one_modality(lab_features):
+def test_twins_confuse_exactly_one_modality(lab):
     """Image twins are told apart by the profile, profile twins by the image."""
-    y, img, prof = lab_features
+    y = lab["y"]
     names = [s.name for s in catalogue(12)]
-    _, pred_i = _knn_accuracy(img, y)
-    _, pred_p = _knn_accuracy(prof, y)
 
-    def recall(pred: np.ndarray, a: str, b: str) -> float:
-        ia, ib = names.index(a), names.index(b)
-        pair = (y == ia) | (y == ib)
-        return float(np.mean(pred[pair] == y[pair]))
+    def recall(modality: str, a: str, b: str) -> float:
+        pair = (y == names.index(a)) | (y == names.index(b))
+        return float(np.mean(lab[f"pred_{modality}"][pair] == y[pair]))
 
     for a, b in [
         ("chlorella", "cryptomonas"),
         ("skeletonema", "pseudanabaena"),
         ("dolichospermum", "ulothrix"),
     ]:
-        assert recall(pred_i, a, b) < recall(pred_p, a, b) - 0.1, (a, b)
+        assert recall("image", a, b) < recall("profile", a, b) - 0.1, (a, b)
     # a spined and a smooth diatom are strict profile twins; a ring and a clump of the same cells are
     # only partly alike in profile (irregular spacing makes overlaps along the flow), so a smaller margin
     for (a, b), margin in [(("navicula", "chaetoceros"), 0.3), (("microcystis", "pediastrum"), 0.05)]:
-        assert recall(pred_p, a, b) < recall(pred_i, a, b) - margin, (a, b)
+        assert recall("profile", a, b) < recall("image", a, b) - margin, (a, b)
 
 
-def test_lab_to_sea_is_harder(lab_features):
+def test_lab_to_sea_is_harder(lab):
     """SEA is shifted (size, noise, blur, background, debris, pigment load): a LAB gallery transfers worse."""
-    y, img, prof = lab_features
-    ys, img_s, prof_s = _features("SEA", 1024)
-    keep = np.isin(ys, np.unique(y))  # SEA also holds species never seen in LAB
-    for x, xs, margin in [(img, img_s, 0.15), (np.hstack([img, prof]), np.hstack([img_s, prof_s]), 0.01)]:
-        in_domain, _ = _knn_accuracy(x, y)
-        model = make_pipeline(StandardScaler(), KNeighborsClassifier(n_neighbors=5)).fit(x, y)
-        cross = float(np.mean(model.predict(xs[keep]) == ys[keep]))
-        assert cross < in_domain - margin, f"LAB->SEA {cross} vs LAB->LAB {in_domain}"
+    ys, img_s, prof_s = _features("SEA", N_SEA)
+    sea = {"image": img_s, "fused": np.hstack([img_s, prof_s])}
+    keep = np.isin(ys, np.unique(lab["y"]))  # SEA also holds species never seen in LAB
+    for modality, margin in [("image", 0.15), ("fused", 0.01)]:
+        model = _knn(lab[modality]).fit(lab[modality], lab["y"])
+        cross = float(np.mean(model.predict(sea[modality][keep]) == ys[keep]))
+        assert cross < _accuracy(lab, modality) - margin, f"{modality}: LAB->SEA {cross} vs LAB->LAB"
 
 
 def test_image_and_profile_describe_the_same_particle():

@@ -20,6 +20,7 @@ generator derived from ``(seed, domain, chunk)``, so the bytes written depend on
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import shutil
 import struct
@@ -50,6 +51,15 @@ def _png_chunk(tag: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
 
 
+_PNG_END = _png_chunk(b"IEND", b"")
+
+
+@functools.lru_cache(maxsize=256)
+def _png_head(h: int, w: int) -> bytes:
+    """Signature + IHDR for an 8-bit grayscale, non-interlaced h x w image (few distinct crop sizes)."""
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+
+
 def encode_png(img: np.ndarray) -> bytes:
     """8-bit grayscale PNG (filter 0 on every row, zlib level ``PNG_LEVEL``).
 
@@ -59,13 +69,7 @@ def encode_png(img: np.ndarray) -> bytes:
     h, w = img.shape
     raw = np.zeros((h, w + 1), dtype=np.uint8)  # a leading 0 per row = filter type "None"
     raw[:, 1:] = img
-    header = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)  # 8-bit, grayscale, deflate, no interlace
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + _png_chunk(b"IHDR", header)
-        + _png_chunk(b"IDAT", zlib.compress(raw.tobytes(), PNG_LEVEL))
-        + _png_chunk(b"IEND", b"")
-    )
+    return _png_head(h, w) + _png_chunk(b"IDAT", zlib.compress(raw.tobytes(), PNG_LEVEL)) + _PNG_END
 
 
 def profile_csv(profile: np.ndarray) -> str:

@@ -51,8 +51,8 @@ def round_sig(v: np.ndarray, digits: int = 4) -> np.ndarray:
     """Round to ``digits`` significant digits (zeros stay zero), in float64."""
     a = np.abs(v).astype(np.float32)
     mag = np.floor(np.log10(np.where(a > 0, a, 1.0), dtype=np.float32)).astype(np.int64)
-    e = np.clip(digits - 1 - mag, -40, 40) + 40
-    return np.round(v * _POW10[e]) / _POW10[e]
+    scale = _POW10[np.clip(digits - 1 - mag, -40, 40) + 40]
+    return np.round(v * scale) / scale
 
 
 def window(lat: Latents, x: np.ndarray, h: np.ndarray, w: np.ndarray, rng: np.random.Generator):

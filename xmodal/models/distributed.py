@@ -10,15 +10,31 @@ padded for the collective and cut out again, so the gathered batch is exactly th
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+_local_only = False
+
+
+@contextmanager
+def local_only() -> Iterator[None]:
+    """Compute losses on this rank's rows alone, with no collectives: for work that one rank does
+    while the others wait (rank-0 validation), where a collective would deadlock."""
+    global _local_only
+    prev, _local_only = _local_only, True
+    try:
+        yield
+    finally:
+        _local_only = prev
+
 
 def world() -> tuple[int, int]:
-    """(rank, world size); (0, 1) when torch.distributed is not initialised."""
-    if dist.is_available() and dist.is_initialized():
+    """(rank, world size); (0, 1) when torch.distributed is not initialised or inside ``local_only``."""
+    if not _local_only and dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 

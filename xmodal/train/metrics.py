@@ -44,7 +44,7 @@ def progress_line(epoch: int, epochs: int, metrics: dict[str, Any], elapsed: flo
     parts = [f"epoch {epoch + 1}/{epochs}", f"loss {metrics.get('train_loss', float('nan')):.4f}"]
     if "val_loss" in metrics:
         parts.append(f"val_loss {metrics['val_loss']:.4f}")
-    if "val_score" in metrics:
+    if "val_combo" in metrics:
         parts.append(f"val {metrics.get('val_combo', '')} {100 * metrics['val_score']:.1f}%")
     parts += [
         f"scale {metrics.get('logit_scale', float('nan')):.2f}",

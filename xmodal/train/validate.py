@@ -11,6 +11,7 @@ import torch
 from xmodal.config import Config
 from xmodal.eval.embed import embed_arrays, embedding_set
 from xmodal.eval.protocol import gallery_score
+from xmodal.models.distributed import local_only
 
 VAL_CHUNK = 256
 
@@ -38,7 +39,8 @@ def validate(module: torch.nn.Module, val: dict[str, np.ndarray], cfg: Config, d
                                "has_profile")}
             if chunk["image"].shape[0] < 2:
                 continue
-            loss, st = module(chunk)
+            with local_only():  # the other ranks are not in this forward pass
+                loss, st = module(chunk)
             losses.append(float(loss))
             for k in ("i2p_top1", "p2i_top1"):
                 if k in st:

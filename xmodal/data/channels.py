@@ -1,0 +1,184 @@
+"""Instrument channel names -> the canonical channels ``FWS, SWS, FL Yellow, FL Orange, FL Red, Curvature``.
+
+CytoSense software names the same detector differently per instrument and per export tool
+(``Sidewards Scatter`` vs ``SWS`` vs ``SWS HS``; ``Fl Red`` vs ``FL Red HS``; forward scatter as one
+``FWS`` channel or as ``FWS L`` + ``FWS R``). The table below maps a *source expression* to a
+canonical channel; a source expression is one name, or several joined by ``+`` whose pulses are
+summed sample by sample. Names are compared case- and whitespace/underscore-insensitively.
+
+For each canonical channel the entries are tried in order and the first whose names are all present
+in the file wins, so the table also states the preference between alternatives (a direct ``FWS``
+over ``FWS L + FWS R``, high-sensitivity ``HS`` over low-sensitivity ``LS``). Users extend it with a
+mapping (or a YAML file of ``source expression: canonical``); their entries are tried before the
+defaults, so they can both add names and change preferences::
+
+    # channels.yaml  (xmodal ingest SRC OUT --channel-map channels.yaml)
+    SWS LS: SWS            # prefer the low-sensitivity side scatter
+    FL Green: FL Yellow    # an instrument that names its yellow channel differently
+
+A canonical channel that no entry can fill is an error naming the file and the channel, or, with
+``fill_missing``, an all-zero channel whose ``channel_mask`` entry is False. Channels are always
+placed by name, never by column position.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from xmodal.data.quarantine import DataError
+from xmodal.data.schema import CHANNELS, N_CHANNELS
+
+# (source expression, canonical channel), in order of preference within each canonical channel.
+DEFAULT_CHANNEL_MAP: tuple[tuple[str, str], ...] = (
+    ("FWS", "FWS"),
+    ("Forward Scatter", "FWS"),
+    ("FWS L + FWS R", "FWS"),
+    ("Forward Scatter Left + Forward Scatter Right", "FWS"),
+    ("FWS HS", "FWS"),
+    ("FWS LS", "FWS"),
+    ("SWS", "SWS"),
+    ("Sidewards Scatter", "SWS"),
+    ("Side Scatter", "SWS"),
+    ("SWS HS", "SWS"),
+    ("SWS LS", "SWS"),
+    ("FL Yellow", "FL Yellow"),
+    ("FL Yellow HS", "FL Yellow"),
+    ("FL Yellow LS", "FL Yellow"),
+    ("FL Orange", "FL Orange"),
+    ("FL Orange HS", "FL Orange"),
+    ("FL Orange LS", "FL Orange"),
+    ("FL Red", "FL Red"),
+    ("FL Red HS", "FL Red"),
+    ("FL Red LS", "FL Red"),
+    ("Curvature", "Curvature"),
+)
+
+_SPACE = re.compile(r"[\s_]+")
+
+
+def normalize_name(name: str) -> str:
+    """``' Fl  Red_HS '`` -> ``'flredhs'``: the key under which channel names are compared."""
+    return _SPACE.sub("", name).casefold()
+
+
+_CANONICAL = {normalize_name(c): c for c in CHANNELS}
+
+
+def _parse_expression(expr: str, where: str) -> tuple[str, ...]:
+    parts = tuple(normalize_name(p) for p in str(expr).split("+"))
+    if not all(parts):
+        raise DataError(f"{where}: channel source {expr!r} has an empty name (write e.g. 'FWS L + FWS R')")
+    return parts
+
+
+def _canonical(name: Any, where: str) -> str:
+    key = normalize_name(str(name))
+    if key not in _CANONICAL:
+        raise DataError(f"{where}: {name!r} is not a canonical channel; use one of {list(CHANNELS)}")
+    return _CANONICAL[key]
+
+
+@dataclass(frozen=True)
+class ChannelPlan:
+    """How one file's columns become the canonical channels (resolved once per header)."""
+
+    source_names: tuple[str, ...]  # the file's channel names, in file order
+    sources: tuple[tuple[int, ...], ...]  # per canonical channel: file column indices summed; () = absent
+    mask: tuple[bool, ...]  # per canonical channel: False = absent, zero-filled
+
+    def apply(self, matrix: np.ndarray) -> np.ndarray:
+        """(n_source_channels, L) values in file order -> (N_CHANNELS, L) float32, canonical order."""
+        m = np.asarray(matrix, dtype=np.float64)
+        if m.ndim != 2 or m.shape[0] != len(self.source_names):
+            raise ValueError(f"expected ({len(self.source_names)}, L) values, got {m.shape}")
+        out = np.zeros((N_CHANNELS, m.shape[1]), dtype=np.float64)
+        for c, idx in enumerate(self.sources):
+            for i in idx:
+                out[c] += m[i]
+        return out.astype(np.float32)
+
+    def describe(self) -> dict[str, Any]:
+        """For the ingest report: which file channels fed each canonical channel, and which were unused."""
+        used: set[int] = {i for idx in self.sources for i in idx}
+        return {
+            "mapping": {
+                c: " + ".join(self.source_names[i] for i in idx) if idx else None
+                for c, idx in zip(CHANNELS, self.sources)
+            },
+            "unused": [n for i, n in enumerate(self.source_names) if i not in used],
+        }
+
+
+class ChannelMap:
+    """The mapping table: user entries (tried first) followed by ``DEFAULT_CHANNEL_MAP``."""
+
+    def __init__(self, extra: Mapping[str, str] | None = None, where: str = "channel map"):
+        entries: list[tuple[tuple[str, ...], str, str]] = []
+        for expr, canonical in list((extra or {}).items()) + list(DEFAULT_CHANNEL_MAP):
+            entries.append(
+                (_parse_expression(expr, where), _canonical(canonical, f"{where}: {expr!r}"), expr)
+            )
+        self.entries = tuple(entries)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> ChannelMap:
+        try:
+            data = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise DataError(f"channel map file not found: {path}") from None
+        except yaml.YAMLError as e:
+            raise DataError(f"{path}: not valid YAML: {e}") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise DataError(
+                f"{path}: expected a mapping 'source channel name: canonical channel', got {data!r}"
+            )
+        return cls(data, where=str(path))
+
+    @classmethod
+    def coerce(cls, value: ChannelMap | Mapping[str, str] | str | Path | None) -> ChannelMap:
+        """Accept a ChannelMap, a dict of extra entries, a YAML path, or None (defaults)."""
+        if isinstance(value, ChannelMap):
+            return value
+        if isinstance(value, (str, Path)):
+            return cls.from_yaml(value)
+        return cls(value)
+
+    def resolve(self, names: Sequence[str], where: str, fill_missing: bool = False) -> ChannelPlan:
+        """Plan for a file whose channels are ``names`` (in file order); ``where`` names the file."""
+        keys = [normalize_name(n) for n in names]
+        dupes = sorted({names[i] for i, k in enumerate(keys) if keys.count(k) > 1})
+        if dupes:
+            raise DataError(f"{where}: channel(s) {dupes} appear more than once; cannot tell which to use")
+        index = {k: i for i, k in enumerate(keys)}
+        sources: list[tuple[int, ...]] = []
+        missing: list[str] = []
+        for canonical in CHANNELS:
+            chosen: tuple[int, ...] = ()
+            for parts, target, _ in self.entries:
+                if target == canonical and all(p in index for p in parts):
+                    chosen = tuple(index[p] for p in parts)
+                    break
+            if not chosen:
+                missing.append(canonical)
+            sources.append(chosen)
+        if missing and not fill_missing:
+            raise DataError(
+                f"{where}: no column for canonical channel(s) {missing}; the file has {list(names)}"
+                f"{self._unknown_hint(names)}. Map a column with --channel-map FILE (YAML 'column name: "
+                f"canonical'), or pass --fill-missing to zero-fill the channel and mark it in channel_mask."
+            )
+        return ChannelPlan(tuple(names), tuple(sources), tuple(bool(s) for s in sources))
+
+    def _unknown_hint(self, names: Iterable[str]) -> str:
+        known = {p for parts, _, _ in self.entries for p in parts}
+        unknown = [n for n in names if normalize_name(n) not in known]
+        return f" (not in the channel table: {unknown})" if unknown else ""

@@ -1,0 +1,329 @@
+"""``xmodal ingest SRC OUT``: instrument exports -> ``OUT/<DOMAIN>/part-*.parquet`` + a reconciling report.
+
+Each source found under SRC (a SYKE layout, a CytoClus export, a cyz2json file) goes to
+``OUT/<domain>`` (the source's name, or ``domain`` for all of them). Readers cut the work into tasks
+that run in a process pool (after the first few, so small inputs do not pay for worker start-up);
+results are consumed in order, so output is deterministic. A domain's shards are written to a
+temporary folder and replace the old ``part-*.parquet`` files only once the domain is complete, so a
+re-run gives the same output, never duplicates, and a failed run leaves the previous data intact.
+
+``OUT/ingest_report.json`` holds counts per domain and per quarantine reason, the first examples,
+and the channel mapping used; ``OUT/quarantine.jsonl`` lists every quarantined particle.
+``seen == ingested + quarantined`` is checked for every domain.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from xmodal.data.channels import ChannelMap
+from xmodal.data.quarantine import DataError, Quarantine, QuarantineEntry
+from xmodal.data.readers import DEFAULT_MAX_PIXELS, Batch, ReaderOptions, Task, detect_format, get_reader
+from xmodal.data.readers.validate import pil_pixel_limit, set_pil_pixel_limit
+from xmodal.data.schema import ShardWriter, records_to_table
+
+REPORT_NAME = "ingest_report.json"
+QUARANTINE_NAME = "quarantine.jsonl"
+PARALLEL_MIN_PARTICLES = 2000  # smaller inputs run in-process: a pool costs 1-2 s to start
+SERIAL_TASKS = 8  # when the size is unknown (cyz2json), tasks run in-process before the pool starts
+PROGRESS_EVERY_S = 2.0
+_DOMAIN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+
+
+@dataclass
+class DomainReport:
+    seen: int = 0
+    ingested: int = 0
+    quarantined: int = 0
+    with_image: int = 0
+    profile_only: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+    sources: list[str] = field(default_factory=list)
+    shards: list[str] = field(default_factory=list)
+    channels: list[dict[str, Any]] = field(default_factory=list)  # distinct mappings, with an example file
+
+
+@dataclass
+class IngestReport:
+    src: str
+    out: str
+    format: str
+    options: dict[str, Any]
+    domains: dict[str, DomainReport] = field(default_factory=dict)
+    reasons: dict[str, int] = field(default_factory=dict)
+    examples: dict[str, list[dict[str, str]]] = field(default_factory=dict)
+    elapsed_s: float = 0.0
+
+    @property
+    def seen(self) -> int:
+        return sum(d.seen for d in self.domains.values())
+
+    @property
+    def ingested(self) -> int:
+        return sum(d.ingested for d in self.domains.values())
+
+    @property
+    def quarantined(self) -> int:
+        return sum(d.quarantined for d in self.domains.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(seen=self.seen, ingested=self.ingested, quarantined=self.quarantined)
+        d["particles_per_s"] = round(self.seen / self.elapsed_s, 1) if self.elapsed_s > 0 else None
+        return d
+
+    def summary(self) -> str:
+        with_image = sum(d.with_image for d in self.domains.values())
+        lines = [
+            f"ingest {self.src} ({self.format}): {self.seen} particles seen, {self.ingested} ingested "
+            f"({with_image} with image, {self.ingested - with_image} profile-only), {self.quarantined} quarantined"
+        ]
+        if self.reasons:
+            lines.append("  quarantined: " + ", ".join(f"{r} {n}" for r, n in sorted(self.reasons.items())))
+        for name, d in self.domains.items():
+            lines.append(
+                f"  {name}: {d.ingested} particles in {len(d.shards)} shard(s) -> {Path(self.out) / name}"
+            )
+        rate = f" ({self.seen / self.elapsed_s:.0f} particles/s)" if self.elapsed_s > 0 else ""
+        lines.append(
+            f"  report {Path(self.out) / REPORT_NAME}, quarantine log {Path(self.out) / QUARANTINE_NAME}; "
+            f"{self.elapsed_s:.1f} s{rate}"
+        )
+        return "\n".join(lines)
+
+
+def _run_task(task: Task) -> tuple[pa.Table | None, list[QuarantineEntry], int, dict[str, Any]]:
+    """Runs in a worker: the reader's task, then records -> one Arrow table (cheap to send back)."""
+    batch = task()
+    return _split(batch)
+
+
+def _split(batch: Batch) -> tuple[pa.Table | None, list[QuarantineEntry], int, dict[str, Any]]:
+    records = [x for x in batch.items if not isinstance(x, QuarantineEntry)]
+    entries = [x for x in batch.items if isinstance(x, QuarantineEntry)]
+    return (records_to_table(records) if records else None), entries, batch.seen, batch.channels
+
+
+def _done(value: Any) -> Future:
+    f: Future = Future()
+    f.set_result(value)
+    return f
+
+
+class _OrderedRunner:
+    """Runs tasks in-process, then (for larger inputs) in a process pool; yields results in order."""
+
+    def __init__(self, workers: int, max_pixels: int):
+        self.workers = workers
+        self.max_pixels = max_pixels
+        self.pool: ProcessPoolExecutor | None = None
+        self.tasks = 0
+        self.serial_tasks = SERIAL_TASKS
+
+    def expect(self, particles: int | None) -> None:
+        """Size of the coming work: small inputs stay in-process, large ones use the pool at once."""
+        if particles is None:
+            self.serial_tasks = max(self.serial_tasks, self.tasks + SERIAL_TASKS)
+        else:
+            self.serial_tasks = 2**62 if particles < PARALLEL_MIN_PARTICLES else 0
+
+    def _submit(self, work: Batch | Task) -> Future:
+        if isinstance(work, Batch):
+            return _done(_split(work))
+        self.tasks += 1
+        if self.workers <= 1 or self.tasks <= self.serial_tasks:
+            return _done(_run_task(work))
+        if self.pool is None:
+            # forkserver: forking a parent whose pyarrow threads may hold locks can deadlock the child
+            self.pool = ProcessPoolExecutor(
+                self.workers,
+                mp_context=get_context("forkserver"),
+                initializer=set_pil_pixel_limit,
+                initargs=(self.max_pixels,),
+            )
+        return self.pool.submit(_run_task, work)
+
+    def run(
+        self, work: Iterator[Batch | Task]
+    ) -> Iterator[tuple[pa.Table | None, list[QuarantineEntry], int, dict]]:
+        pending: deque[Future] = deque()
+        for w in work:
+            pending.append(self._submit(w))
+            while pending and (len(pending) > 2 * self.workers or pending[0].done()):
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+            self.pool = None
+
+
+class _Progress:
+    def __init__(self, domain: str, expected: int | None, quiet: bool):
+        self.domain, self.expected, self.quiet = domain, expected, quiet
+        self.start = self.last = time.perf_counter()
+
+    def update(self, d: DomainReport, final: bool = False) -> None:
+        now = time.perf_counter()
+        if self.quiet or (not final and now - self.last < PROGRESS_EVERY_S):
+            return
+        self.last = now
+        rate = d.seen / max(now - self.start, 1e-9)
+        total = f"/{self.expected}" if self.expected else ""
+        eta = (
+            f", ETA {max(self.expected - d.seen, 0) / rate:.0f} s"
+            if self.expected and rate > 0 and not final
+            else ""
+        )
+        print(
+            f"ingest {self.domain}: {d.seen}{total} particles ({d.quarantined} quarantined), {rate:.0f}/s{eta}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def _check_domain(name: str) -> str:
+    if not _DOMAIN.match(name) or name in (".", ".."):
+        raise DataError(
+            f"domain {name!r} is not a usable folder name; pass --domain NAME (letters, digits, _ . -)"
+        )
+    return name
+
+
+def _replace_shards(tmp: Path, dest: Path, written: list[Path]) -> list[str]:
+    dest.mkdir(parents=True, exist_ok=True)
+    for old in dest.glob("part-*.parquet"):
+        old.unlink()
+    moved = []
+    for p in written:
+        target = dest / p.name
+        os.replace(p, target)
+        moved.append(str(target))
+    shutil.rmtree(tmp, ignore_errors=True)
+    return moved
+
+
+def _ingest_domain(
+    name: str,
+    sources: list[tuple[str, Path]],
+    reader: Any,
+    opts: ReaderOptions,
+    out: Path,
+    quarantine: Quarantine,
+    runner: _OrderedRunner,
+    max_shard_bytes: int,
+    quiet: bool,
+) -> DomainReport:
+    report = DomainReport(sources=[str(p) for _, p in sources])
+    counts = [reader.count(p) for _, p in sources]
+    expected = None if None in counts else sum(counts)
+    progress = _Progress(name, expected, quiet)
+    runner.expect(expected)
+    tmp = out / f".{name}.ingest-tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    mappings: dict[str, dict[str, Any]] = {}
+    writer = ShardWriter(tmp, max_shard_bytes=max_shard_bytes)
+    try:
+        for source, path in sources:
+            for table, entries, seen, channels in runner.run(reader.iter_work(path, source, name, opts)):
+                for entry in entries:
+                    quarantine.add(entry)
+                    report.reasons[entry.reason] = report.reasons.get(entry.reason, 0) + 1
+                if table is not None:
+                    writer.write_table(table)
+                    report.ingested += table.num_rows
+                    report.with_image += int(pc.sum(table["has_image"]).as_py() or 0)
+                report.seen += seen
+                report.quarantined += len(entries)
+                for file, mapping in channels.items():
+                    mappings.setdefault(
+                        json.dumps(mapping, sort_keys=True), {"example_file": file, **mapping}
+                    )
+                progress.update(report)
+        written = writer.close()
+    except BaseException:
+        writer.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if report.seen != report.ingested + report.quarantined or writer.rows != report.ingested:
+        raise RuntimeError(
+            f"internal error in the {reader.__name__} reader: domain {name} saw {report.seen} particles but "
+            f"ingested {report.ingested} (written {writer.rows}) + quarantined {report.quarantined}"
+        )
+    report.profile_only = report.ingested - report.with_image
+    report.channels = list(mappings.values())
+    report.shards = _replace_shards(tmp, out / name, written)
+    progress.update(report, final=True)
+    return report
+
+
+def ingest(
+    src: str | Path,
+    out: str | Path,
+    fmt: str | None = None,
+    strict: bool = False,
+    domain: str | None = None,
+    crop_header_px: int = 0,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    channel_map: ChannelMap | Mapping[str, str] | str | Path | None = None,
+    fill_missing: bool = False,
+    max_shard_bytes: int = 128 * 2**20,
+    workers: int | None = None,
+    quiet: bool = False,
+) -> IngestReport:
+    """Read SRC (format detected unless ``fmt``), write ``OUT/<domain>/part-*.parquet``, the report and
+    the quarantine log; return the report. ``strict`` raises ``DataError`` at the first quarantined
+    particle. ``channel_map``: extra channel-name entries (dict) or a YAML file (see ``channels.py``)."""
+    t0 = time.perf_counter()
+    src, out = Path(src), Path(out)
+    fmt = fmt or detect_format(src)
+    reader = get_reader(fmt)
+    opts = ReaderOptions(crop_header_px, max_pixels, ChannelMap.coerce(channel_map), fill_missing)
+    by_domain: dict[str, list[tuple[str, Path]]] = {}
+    for source, path in reader.find_sources(src):
+        by_domain.setdefault(_check_domain(domain or source), []).append((source, path))
+    report = IngestReport(
+        str(src),
+        str(out),
+        fmt,
+        {
+            "strict": strict,
+            "domain": domain,
+            "crop_header_px": crop_header_px,
+            "max_pixels": max_pixels,
+            "channel_map": str(channel_map) if isinstance(channel_map, (str, Path)) else channel_map,
+            "fill_missing": fill_missing,
+            "max_shard_bytes": max_shard_bytes,
+        },
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    runner = _OrderedRunner(workers if workers is not None else min(2, os.cpu_count() or 1), max_pixels)
+    try:
+        with Quarantine(out / QUARANTINE_NAME, strict=strict) as quarantine, pil_pixel_limit(max_pixels):
+            for name, sources in by_domain.items():
+                report.domains[name] = _ingest_domain(
+                    name, sources, reader, opts, out, quarantine, runner, max_shard_bytes, quiet
+                )
+            report.reasons, report.examples = dict(quarantine.counts), dict(quarantine.examples)
+    finally:
+        runner.close()
+    report.elapsed_s = round(time.perf_counter() - t0, 3)
+    (out / REPORT_NAME).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    return report

@@ -1,0 +1,29 @@
+"""What every reader hands to ingest: batches of records (``schema.make_record`` dicts) and
+quarantine entries, each batch carrying how many particles it covers.
+
+A reader's ``iter_work(path, source, domain, opts)`` yields, in output order, either a finished
+``Batch`` or a ``Task`` (a picklable zero-argument callable returning a ``Batch``) that ingest may
+run in a worker process. ``Batch.seen`` is counted by the reader from its input (annotation rows,
+particle ids), independently of what the checks decided, so that ingest can verify
+``seen == ingested + quarantined`` and catch a particle that slipped through without an outcome.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from xmodal.data.quarantine import QuarantineEntry
+
+Item = dict[str, Any] | QuarantineEntry
+
+
+@dataclass
+class Batch:
+    seen: int
+    items: list[Item] = field(default_factory=list)
+    channels: dict[str, Any] = field(default_factory=dict)  # file -> ChannelPlan.describe(), for the report
+
+
+Task = Callable[[], Batch]

@@ -1,0 +1,176 @@
+"""Numeric delimited text (CytoClus exports, SYKE profile CSVs): dialect sniffing and exact parsing.
+
+Exports come with ``,`` or ``;`` (or tab) separators, ``.`` or ``,`` decimals, a UTF-8 BOM and CRLF
+line ends. Parsing has a fast path (pyarrow's CSV reader, ~3x faster per value than ``np.loadtxt``,
+and it amortises its call overhead when many small files are parsed as one buffer) and an exact
+slow path (Python, line by line) that only runs on blocks the fast path did not parse cleanly, to
+say which line is wrong and why. Both paths give identical numbers (``float()`` and pyarrow both
+round a decimal string to the nearest double).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+
+from xmodal.data.quarantine import DataError
+
+BOM = b"\xef\xbb\xbf"
+_SEPARATORS = (";", ",", "\t")
+
+
+@dataclass(frozen=True)
+class Dialect:
+    sep: str
+    decimal: str
+
+
+@dataclass
+class BadLine:
+    line: int  # 1-based line number in the file
+    text: str
+    why: str
+
+    def first_field(self, sep: str) -> str:
+        return self.text.split(sep, 1)[0].strip()
+
+
+@dataclass
+class Rows:
+    values: np.ndarray  # (n, ncols) float64, good rows only
+    lines: np.ndarray  # (n,) int64, 1-based file line number of each good row
+    bad: list[BadLine]
+
+
+def decode_line(raw: bytes) -> str:
+    raw = raw[len(BOM) :] if raw.startswith(BOM) else raw
+    try:
+        return raw.decode("utf-8").strip("\r\n")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1").strip("\r\n")
+
+
+def sniff_dialect(header: str, sample: bytes, where: str) -> Dialect:
+    """Separator = the candidate that splits the header most; decimal ',' only with a non-','
+    separator and a ',' somewhere in ``sample`` (data lines)."""
+    counts = {s: header.count(s) for s in _SEPARATORS}
+    sep = max(_SEPARATORS, key=lambda s: counts[s])
+    if counts[sep] == 0:
+        raise DataError(f"{where}: header {header!r} has no ';', ',' or tab separator")
+    decimal = "," if sep != "," and b"," in sample else "."
+    return Dialect(sep, decimal)
+
+
+def split_header(data: bytes, where: str) -> tuple[list[str], Dialect, bytes]:
+    """Whole small file -> (column names, dialect, body bytes after the header line)."""
+    head, _, body = data.partition(b"\n")
+    header = decode_line(head)
+    dialect = sniff_dialect(header, body, where)
+    return [n.strip() for n in header.split(dialect.sep)], dialect, body
+
+
+def _line_count(body: bytes) -> int:
+    return body.count(b"\n") + 1 if body else 0
+
+
+def _parse_fast(body: bytes, ncols: int, dialect: Dialect) -> np.ndarray | None:
+    """(n, ncols) float64 if pyarrow parses every line as ncols numbers, else None."""
+    names = [f"c{i}" for i in range(ncols)]
+    try:
+        table = pacsv.read_csv(
+            io.BytesIO(body),
+            read_options=pacsv.ReadOptions(column_names=names, use_threads=False, block_size=1 << 24),
+            parse_options=pacsv.ParseOptions(delimiter=dialect.sep),
+            convert_options=pacsv.ConvertOptions(
+                column_types={n: pa.float64() for n in names}, decimal_point=dialect.decimal
+            ),
+        )
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return None
+    # pyarrow skips blank lines and reads empty fields as null: let the exact path report those.
+    if table.num_rows != _line_count(body) or any(col.null_count for col in table.columns):
+        return None
+    return np.column_stack([col.to_numpy() for col in table.columns])
+
+
+def _parse_slow(body: bytes, ncols: int, dialect: Dialect, first_line: int) -> Rows:
+    values: list[list[float]] = []
+    lines: list[int] = []
+    bad: list[BadLine] = []
+    for i, raw in enumerate(body.split(b"\n")):
+        text = raw.decode("latin-1").strip()
+        if not text:
+            continue
+        fields = text.split(dialect.sep)
+        if len(fields) != ncols:
+            bad.append(BadLine(first_line + i, text, f"{len(fields)} fields, expected {ncols}"))
+            continue
+        try:
+            row = [float(f.strip().replace(dialect.decimal, ".")) for f in fields]
+        except ValueError:
+            j = next(j for j, f in enumerate(fields) if not _is_number(f, dialect.decimal))
+            bad.append(BadLine(first_line + i, text, f"field {j + 1} ({fields[j]!r}) is not a number"))
+            continue
+        values.append(row)
+        lines.append(first_line + i)
+    arr = np.array(values, dtype=np.float64).reshape(len(values), ncols)
+    return Rows(arr, np.array(lines, dtype=np.int64), bad)
+
+
+def _is_number(field: str, decimal: str) -> bool:
+    try:
+        float(field.strip().replace(decimal, "."))
+        return True
+    except ValueError:
+        return False
+
+
+def parse_rows(body: bytes, ncols: int, dialect: Dialect, first_line: int) -> Rows:
+    """Parse lines of ``ncols`` numbers; ``first_line`` is the file line number of the body's first line."""
+    body = body.rstrip()
+    fast = _parse_fast(body, ncols, dialect)
+    if fast is None:
+        return _parse_slow(body, ncols, dialect, first_line)
+    return Rows(fast, np.arange(first_line, first_line + len(fast), dtype=np.int64), [])
+
+
+def parse_many(bodies: list[bytes], ncols: int, dialect: Dialect, first_line: int = 2) -> list[Rows]:
+    """Parse many small files' bodies in one pyarrow call; files that fail are re-parsed alone."""
+    bodies = [b.rstrip() for b in bodies]
+    counts = [_line_count(b) for b in bodies]
+    fast = _parse_fast(b"\n".join(b for b in bodies if b), ncols, dialect)
+    if fast is None or len(fast) != sum(counts):
+        return [parse_rows(b, ncols, dialect, first_line) for b in bodies]
+    out: list[Rows] = []
+    start = 0
+    for n in counts:
+        out.append(Rows(fast[start : start + n], np.arange(first_line, first_line + n, dtype=np.int64), []))
+        start += n
+    return out
+
+
+def iter_blocks(f: BinaryIO, block_bytes: int) -> Iterator[tuple[bytes, int]]:
+    """Yield (block of whole lines, 1-based line number of its first line) from a file positioned
+    after its header line (line 1)."""
+    line = 2
+    rest = b""
+    while True:
+        chunk = f.read(block_bytes)
+        if not chunk:
+            break
+        data = rest + chunk
+        cut = data.rfind(b"\n")
+        if cut < 0:
+            rest = data
+            continue
+        block, rest = data[: cut + 1], data[cut + 1 :]
+        yield block, line
+        line += block.count(b"\n")
+    if rest.strip():
+        yield rest, line

@@ -1,0 +1,188 @@
+"""SYKE-plankton_CytoSense layout: ``annotations.csv`` (``image,profile,class[,particle_id]``, paths
+relative to the folder), ``images/``, ``profiles/`` (one CSV per particle: a header naming the
+channels, then L rows x C columns in mV).
+
+One annotation row is one particle. Annotation-level problems (wrong field count, a repeated
+particle id: the first row keeps the id) are decided while reading annotations.csv; file-level
+problems (path escaping the folder, missing file, image and profile checks) in ``read_rows``, which
+ingest runs in worker processes on chunks of rows. Particle ids are ``<source>:<particle_id>``, or
+``<source>:<image path>`` when the column is absent. An empty ``image`` (or ``profile``) cell gives
+a profile-only (image-only) particle.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import io
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from xmodal.data.channels import normalize_name
+from xmodal.data.quarantine import DataError, QuarantineEntry, Rejected
+from xmodal.data.readers.base import Batch, Item, Task
+from xmodal.data.readers.delimited import Dialect, parse_many, split_header
+from xmodal.data.readers.validate import ReaderOptions, check_image, check_profile, read_bytes, safe_path
+from xmodal.data.schema import CHANNELS, make_record
+
+ANNOTATIONS = "annotations.csv"
+UNLABELLED = {"", "unlabelled", "unlabeled"}
+ROWS_PER_TASK = 256
+
+
+@dataclass(frozen=True)
+class Row:
+    line: int  # line in annotations.csv
+    pid: str
+    image: str  # relative path, "" = none
+    profile: str
+    label: str | None
+
+
+def find_sources(src: Path) -> list[tuple[str, Path]]:
+    """One layout folder (annotations.csv inside), or a root whose sub-folders are layouts."""
+    if (src / ANNOTATIONS).is_file():
+        return [(src.name, src)]
+    layouts = sorted(p for p in src.iterdir() if (p / ANNOTATIONS).is_file()) if src.is_dir() else []
+    if not layouts:
+        raise DataError(f"{src}: no {ANNOTATIONS} in the folder or in its sub-folders (SYKE layout expected)")
+    return [(p.name, p) for p in layouts]
+
+
+def read_annotations(layout: Path, source: str) -> tuple[list[Row], list[QuarantineEntry]]:
+    path = layout / ANNOTATIONS
+    text = path.read_bytes().decode("utf-8-sig", errors="replace")
+    reader = csv.reader(io.StringIO(text))
+    header = [normalize_name(h) for h in next(reader, [])]
+    missing = [c for c in ("image", "profile") if c not in header]
+    if missing:
+        raise DataError(
+            f"{path}: header {header} lacks column(s) {missing}; expected image,profile,class[,particle_id]"
+        )
+    col = {name: header.index(name) for name in ("image", "profile", "class", "particleid") if name in header}
+    rows: list[Row] = []
+    bad: list[QuarantineEntry] = []
+    first_line: dict[str, int] = {}
+    for fields in reader:
+        line = reader.line_num
+        if not any(f.strip() for f in fields):
+            continue
+        if len(fields) != len(header):
+            bad.append(
+                _entry(
+                    "malformed_row",
+                    path,
+                    f"line {line}",
+                    f"{len(fields)} fields, expected {len(header)}: {fields}",
+                )
+            )
+            continue
+        image, profile = fields[col["image"]].strip(), fields[col["profile"]].strip()
+        if not image and not profile:
+            bad.append(
+                _entry("malformed_row", path, f"line {line}", "both the image and the profile cell are empty")
+            )
+            continue
+        pid = fields[col["particleid"]].strip() if "particleid" in col else ""
+        pid = pid or image or profile
+        if pid in first_line:
+            msg = f"line {line} repeats particle id {pid!r} of line {first_line[pid]} (the first row is kept)"
+            bad.append(_entry("duplicate_id", path, f"{source}:{pid}", msg))
+            continue
+        first_line[pid] = line
+        label = fields[col["class"]].strip() if "class" in col else ""
+        rows.append(Row(line, pid, image, profile, None if label.casefold() in UNLABELLED else label))
+    return rows, bad
+
+
+def iter_work(layout: Path, source: str, domain: str, opts: ReaderOptions) -> Iterator[Batch | Task]:
+    rows, bad = read_annotations(layout, source)
+    if bad:
+        yield Batch(seen=len(bad), items=list(bad))
+    root = os.path.normpath(os.path.abspath(layout))
+    for i in range(0, len(rows), ROWS_PER_TASK):
+        yield functools.partial(read_rows, root, source, domain, rows[i : i + ROWS_PER_TASK], opts)
+
+
+def count(layout: Path) -> int:
+    """Annotation rows (for progress ETA), without parsing them."""
+    with open(layout / ANNOTATIONS, "rb") as f:
+        return max(0, sum(1 for line in f if line.strip()) - 1)
+
+
+def read_rows(root: str, source: str, domain: str, rows: list[Row], opts: ReaderOptions) -> Batch:
+    """Check and read a chunk of annotation rows -> one Batch (records and quarantine entries, in row order)."""
+    out: list[Item | None] = [None] * len(rows)
+    images: dict[int, tuple[bytes, tuple[int, int]] | None] = {}
+    profiles: dict[int, tuple[str, bytes]] = {}
+    for i, row in enumerate(rows):
+        file = os.path.join(root, ANNOTATIONS)
+        try:
+            image_path = safe_path(root, row.image) if row.image else None
+            profile_path = safe_path(root, row.profile) if row.profile else None
+            if profile_path is not None:
+                file = profile_path
+                profiles[i] = (profile_path, read_bytes(profile_path, "profile", "malformed_row"))
+            images[i] = None
+            if image_path is not None:
+                file = image_path
+                images[i] = check_image(read_bytes(image_path, "image", "unreadable_image"), opts)
+        except Rejected as r:
+            profiles.pop(i, None)
+            out[i] = _entry(r.reason, file, f"{source}:{row.pid}", r.message)
+    parsed, channels = _parse_profiles(profiles, source, rows, opts, out)
+    for i, row in enumerate(rows):
+        if out[i] is None:
+            image, hw = images[i] or (None, None)
+            profile, mask = parsed.get(i, (None, None))
+            out[i] = make_record(f"{source}:{row.pid}", source, domain, row.label, image, hw, profile, mask)
+    return Batch(seen=len(rows), items=[item for item in out if item is not None], channels=channels)
+
+
+def _parse_profiles(
+    profiles: dict[int, tuple[str, bytes]],
+    source: str,
+    rows: list[Row],
+    opts: ReaderOptions,
+    out: list[Item | None],
+) -> tuple[dict[int, tuple], dict[str, dict]]:
+    """Parse profile files grouped by header (one pyarrow call per group); failures go into ``out``."""
+    groups: dict[tuple[bytes, Dialect], list[tuple[int, bytes]]] = {}
+    names: dict[tuple[bytes, Dialect], list[str]] = {}
+    for i, (path, data) in profiles.items():
+        head = data.split(b"\n", 1)[0]
+        try:
+            cols, dialect, body = split_header(data, path)
+        except DataError as e:
+            out[i] = _entry("malformed_row", path, f"{source}:{rows[i].pid}", f"line 1: {e}")
+            continue
+        groups.setdefault((head, dialect), []).append((i, body))
+        names[(head, dialect)] = cols
+    parsed: dict[int, tuple] = {}
+    channels: dict[str, dict] = {}
+    for key, members in groups.items():
+        first_path = profiles[members[0][0]][0]
+        plan = opts.channel_map.resolve(names[key], first_path, opts.fill_missing)
+        channels[first_path] = plan.describe()
+        for (i, _), parsed_rows in zip(members, parse_many([b for _, b in members], len(names[key]), key[1])):
+            path, pid = profiles[i][0], f"{source}:{rows[i].pid}"
+            if parsed_rows.bad:
+                b = parsed_rows.bad[0]
+                out[i] = _entry("malformed_row", path, pid, f"line {b.line}: {b.why}: {b.text[:120]!r}")
+            elif len(parsed_rows.values) == 0:
+                out[i] = _entry("malformed_row", path, pid, "the profile has a header but no samples")
+            else:
+                profile = plan.apply(parsed_rows.values.T)
+                try:
+                    check_profile(profile, CHANNELS)
+                except Rejected as r:
+                    out[i] = _entry(r.reason, path, pid, r.message)
+                    continue
+                parsed[i] = (profile, plan.mask)
+    return parsed, channels
+
+
+def _entry(reason: str, file: str | Path, item: str, message: str) -> QuarantineEntry:
+    return QuarantineEntry(reason, str(file), item, message)

@@ -74,8 +74,8 @@ def encode_png(img: np.ndarray) -> bytes:
 
 def profile_csv(profile: np.ndarray) -> str:
     """A (6, L) profile as the CSV text of a SYKE profile file (values are already 4 significant digits)."""
-    rows = (",".join(f"{v:g}" for v in row) for row in profile.T.tolist())
-    return ",".join(CHANNELS) + "\n" + "\n".join(rows) + "\n"
+    row = ",".join(["%g"] * len(CHANNELS)) + "\n"
+    return ",".join(CHANNELS) + "\n" + (row * profile.shape[1]) % tuple(profile.T.ravel().tolist())
 
 
 def generate_chunks(

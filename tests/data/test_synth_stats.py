@@ -69,9 +69,8 @@ def both(realdata) -> tuple[dict, dict]:
     real = _real_pulses(realdata)
     assert len(real) == 817
     synth = []
-    for _, _, profiles in generate_chunks(
-        "UTO", 1500, 0, 16, catalogue(12)
-    ):  # tiny crops: only pulses matter here
+    # tiny 16-px crops: only the pulses are compared here
+    for _, _, profiles in generate_chunks("UTO", 1500, 0, 16, catalogue(12)):
         synth += [p for p in profiles if p[4].max() > SMART_TRIGGER_FL_RED_MV]
     return _stats(real), _stats(synth)
 

@@ -6,10 +6,10 @@ pond is not our catalogue), and tight where the instrument does (saturation leve
 centring, trigger tails). Measured at the time of writing (real / synthetic UTO, seed 0, 1500 drawn,
 ~1160 pass the smart trigger):
 
-    pulse length L (samples)   median 67 / 52,  5-95 % 19-141 / 23-118,  range 12-516 / 18-260
-    per-particle max, median   FWS 2664 / 2053   SWS 3328 / 2103   FL Red 316 / 308
+    pulse length L (samples)   median 67 / 52,  5-95 % 19-141 / 23-118,  range 12-516 / 19-259
+    per-particle max, median   FWS 2664 / 2053   SWS 3328 / 2103   FL Red 316 / 315
                                FL Yellow 4.3 / 4.0   FL Orange 8.5 / 30
-    particles saturated        FWS at 14720: 1.8 % / 1.1 %;  SWS at 7488: 0.1 % / 0 %
+    particles saturated        FWS at 14720: 1.8 % / 0.8 %;  SWS at 7488: 0.1 % / 0 %
     Curvature                  range per particle, median 0.66 / 0.84; per-particle mean 0 / ~0
     first FWS sample / max     median 0.0037 / 0.0035
 """

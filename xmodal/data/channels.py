@@ -98,6 +98,8 @@ class ChannelPlan:
         m = np.asarray(matrix, dtype=np.float64)
         if m.ndim != 2 or m.shape[0] != len(self.source_names):
             raise ValueError(f"expected ({len(self.source_names)}, L) values, got {m.shape}")
+        if all(len(idx) == 1 for idx in self.sources):  # the usual case: a gather, no sums
+            return m[[idx[0] for idx in self.sources]].astype(np.float32)
         out = np.zeros((N_CHANNELS, m.shape[1]), dtype=np.float64)
         for c, idx in enumerate(self.sources):
             for i in idx:

@@ -88,7 +88,7 @@ def count(prefix: Path) -> int:
         return max(0, sum(1 for line in f if line.strip()) - 1)
 
 
-def read_listmode(path: str) -> tuple[dict[int, ListmodeRow], list[QuarantineEntry], set[int]]:
+def read_listmode(path: str, source: str) -> tuple[dict[int, ListmodeRow], list[QuarantineEntry], set[int]]:
     """-> (first row per ID, entries for rows that own no ID, IDs repeated in the listmode)."""
     try:
         data = Path(path).read_bytes()
@@ -103,6 +103,7 @@ def read_listmode(path: str) -> tuple[dict[int, ListmodeRow], list[QuarantineEnt
     if "particleid" not in keys or "samplelength" not in keys:
         raise DataError(f"{path}: header lacks 'Particle ID' or 'Sample Length' (has {header[:4]}...)")
     i_id, i_len = keys.index("particleid"), keys.index("samplelength")
+    last = max(i_id, i_len)
     rows: dict[int, ListmodeRow] = {}
     orphans: list[QuarantineEntry] = []
     repeated: set[int] = set()
@@ -110,7 +111,8 @@ def read_listmode(path: str) -> tuple[dict[int, ListmodeRow], list[QuarantineEnt
         text = raw.decode("latin-1").strip()
         if not text:
             continue
-        fields = text.split(sep)
+        n_fields = text.count(sep) + 1  # counted, not split: rows have ~80 fields and two are used
+        fields = text.split(sep, last + 1)
         pid = _int(fields[i_id]) if len(fields) > i_id else None
         if pid is None:
             orphans.append(
@@ -121,13 +123,16 @@ def read_listmode(path: str) -> tuple[dict[int, ListmodeRow], list[QuarantineEnt
             repeated.add(pid)
             orphans.append(
                 QuarantineEntry(
-                    "duplicate_id", path, str(pid), f"line {n} repeats the ID of line {rows[pid].line}"
+                    "duplicate_id",
+                    path,
+                    f"{source}:{pid}",
+                    f"line {n} repeats the ID of line {rows[pid].line}",
                 )
             )
             continue
         problem = (
-            f"listmode line {n} has {len(fields)} fields, expected {len(header)}"
-            if len(fields) != len(header)
+            f"listmode line {n} has {n_fields} fields, expected {len(header)}"
+            if n_fields != len(header)
             else None
         )
         rows[pid] = ListmodeRow(n, fields[i_len].strip() if len(fields) > i_len else "", problem)
@@ -155,12 +160,14 @@ def list_crops(folder: Path) -> dict[int, list[str]]:
 def _segments(ids: np.ndarray, values: np.ndarray) -> Iterator[tuple[int, slice]]:
     """(particle id, row slice) for each particle in complete runs; separators are skipped."""
     bounds = np.concatenate(([0], np.flatnonzero(ids[1:] != ids[:-1]) + 1, [len(ids)]))
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        pid = int(ids[a])
+    all_zero = ~values.any(axis=1)
+    for pid, a, b in zip(ids[bounds[:-1]].tolist(), bounds[:-1].tolist(), bounds[1:].tolist()):
         if pid != 0:
             yield pid, slice(a, b)
             continue
-        zero = ~values[a:b].any(axis=1)
+        zero = all_zero[a:b].tolist()
+        if zero == [True, True]:  # the usual run of ID 0: one separator pair
+            continue
         sep = np.zeros(b - a, dtype=bool)
         k = 0
         while k < b - a:  # pair up consecutive all-zero rows greedily: each pair is one separator
@@ -181,7 +188,7 @@ class _Join:
     def __init__(self, source: str, prefix: Path):
         self.source = source
         self.pulses, self.listmode_path = f"{prefix}{PULSES}", f"{prefix}{LISTMODE}"
-        self.listmode, self.orphans, self.repeated = read_listmode(self.listmode_path)
+        self.listmode, self.orphans, self.repeated = read_listmode(self.listmode_path, source)
         self.crops = list_crops(Path(f"{prefix}{IMAGES}"))
         self.first_line: dict[int, int] = {}  # pulses line where each particle ID was first seen
         self.bad_lines: dict[int, BadLine] = {}  # first malformed pulse line charged to each ID
@@ -304,7 +311,7 @@ def _stream_particles(
         done = block is None
         ready: list[Item | Unit] = []
         if block is not None:
-            rows = parse_rows(block[0], ncols, dialect, block[1])
+            rows = parse_rows(block[0], ncols, dialect, block[1], threads=True)
             ids = rows.values[:, 0]
             bad_id = (ids != np.floor(ids)) | (ids < 0)
             for i in np.flatnonzero(bad_id):

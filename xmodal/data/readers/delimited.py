@@ -79,13 +79,13 @@ def _line_count(body: bytes) -> int:
     return body.count(b"\n") + 1 if body else 0
 
 
-def _parse_fast(body: bytes, ncols: int, dialect: Dialect) -> np.ndarray | None:
+def _parse_fast(body: bytes, ncols: int, dialect: Dialect, threads: bool = False) -> np.ndarray | None:
     """(n, ncols) float64 if pyarrow parses every line as ncols numbers, else None."""
     names = [f"c{i}" for i in range(ncols)]
     try:
         table = pacsv.read_csv(
             io.BytesIO(body),
-            read_options=pacsv.ReadOptions(column_names=names, use_threads=False, block_size=1 << 24),
+            read_options=pacsv.ReadOptions(column_names=names, use_threads=threads, block_size=1 << 24),
             parse_options=pacsv.ParseOptions(delimiter=dialect.sep),
             convert_options=pacsv.ConvertOptions(
                 column_types={n: pa.float64() for n in names}, decimal_point=dialect.decimal
@@ -131,10 +131,11 @@ def _is_number(field: str, decimal: str) -> bool:
         return False
 
 
-def parse_rows(body: bytes, ncols: int, dialect: Dialect, first_line: int) -> Rows:
-    """Parse lines of ``ncols`` numbers; ``first_line`` is the file line number of the body's first line."""
+def parse_rows(body: bytes, ncols: int, dialect: Dialect, first_line: int, threads: bool = False) -> Rows:
+    """Parse lines of ``ncols`` numbers; ``first_line`` is the file line number of the body's first line.
+    ``threads``: let pyarrow parse one large block on several threads."""
     body = body.rstrip()
-    fast = _parse_fast(body, ncols, dialect)
+    fast = _parse_fast(body, ncols, dialect, threads)
     if fast is None:
         return _parse_slow(body, ncols, dialect, first_line)
     return Rows(fast, np.arange(first_line, first_line + len(fast), dtype=np.int64), [])

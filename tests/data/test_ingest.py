@@ -1,0 +1,124 @@
+"""ingest(): reconciling report and quarantine log, idempotent re-runs, strict mode, shards, pool, formats."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pyarrow.parquet as pq
+import pytest
+
+from xmodal.data import ingest as ingest_module
+from xmodal.data.ingest import ingest
+from xmodal.data.quarantine import DataError
+from xmodal.data.readers import detect_format
+
+ULCO_DOMAIN = "R4_photos_flr16_2uls_10min_2022-09-14_12h28"
+CEFAS_DOMAIN = "Pond_NA_2023-05-24_09h23_All_Imaged_Particles"
+
+
+def test_report_reconciles_and_lists_every_quarantined_particle(
+    rd: SimpleNamespace, realdata: Path, tmp_path: Path
+) -> None:
+    report = ingest(rd.ulco_prefix(realdata).parent, tmp_path, quiet=True)
+    saved = json.loads((tmp_path / "ingest_report.json").read_text())
+    assert (saved["seen"], saved["ingested"], saved["quarantined"]) == (9, 6, 3)
+    assert saved["seen"] == saved["ingested"] + saved["quarantined"]
+    assert saved["reasons"] == {"malformed_row": 2, "empty_image": 1} == report.reasons
+    assert {e["item"].rsplit(":", 1)[1] for e in saved["examples"]["malformed_row"]} == {"4206", "10104"}
+    d = saved["domains"][ULCO_DOMAIN]
+    assert (d["ingested"], d["with_image"], d["profile_only"], len(d["shards"])) == (6, 2, 4, 1)
+    assert pq.read_table(d["shards"][0]).num_rows == 6
+    log = [json.loads(line) for line in (tmp_path / "quarantine.jsonl").read_text().splitlines()]
+    assert sorted(e["reason"] for e in log) == ["empty_image", "malformed_row", "malformed_row"]
+    text = report.summary()
+    assert "9 particles seen, 6 ingested (2 with image, 4 profile-only), 3 quarantined" in text
+    assert "empty_image 1, malformed_row 2" in text
+
+
+def test_rerun_is_idempotent_and_replaces_old_shards(
+    rd: SimpleNamespace, realdata: Path, tmp_path: Path
+) -> None:
+    src = rd.cefas_prefix(realdata).parent
+    ingest(src, tmp_path, quiet=True, max_shard_bytes=100_000)  # several small shards
+    assert len(list((tmp_path / CEFAS_DOMAIN).glob("part-*.parquet"))) > 1
+    ingest(src, tmp_path, quiet=True)
+    first = {p.name: p.read_bytes() for p in (tmp_path / CEFAS_DOMAIN).glob("part-*.parquet")}
+    ingest(src, tmp_path, quiet=True)
+    second = {p.name: p.read_bytes() for p in (tmp_path / CEFAS_DOMAIN).glob("part-*.parquet")}
+    assert list(first) == ["part-00000.parquet"] and first == second
+    rows = rd.rows_by_id(tmp_path, [CEFAS_DOMAIN])  # asserts no duplicate particle ids
+    assert len(rows) == 817
+    assert not list(tmp_path.glob(".*ingest-tmp"))
+
+
+def test_strict_fails_at_the_first_problem_and_keeps_previous_output(
+    rd: SimpleNamespace, realdata: Path, tmp_path: Path
+) -> None:
+    src = rd.ulco_prefix(realdata).parent
+    ingest(src, tmp_path, quiet=True)
+    before = {p.name: p.read_bytes() for p in (tmp_path / ULCO_DOMAIN).iterdir()}
+    with pytest.raises(DataError) as e:
+        ingest(src, tmp_path, strict=True, quiet=True)
+    msg = str(e.value)
+    assert (
+        "_Listmode.csv" in msg and f"{ULCO_DOMAIN}:" in msg and "malformed_row" in msg and "--strict" in msg
+    )
+    assert {p.name: p.read_bytes() for p in (tmp_path / ULCO_DOMAIN).iterdir()} == before
+    assert not list(tmp_path.glob(".*ingest-tmp"))
+    report = ingest(rd.cefas_prefix(realdata).parent, tmp_path / "clean", strict=True, quiet=True)
+    assert report.ingested == 817  # strict passes clean data
+
+
+def test_process_pool_gives_the_in_process_result(
+    rd: SimpleNamespace, realdata: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = rd.cefas_prefix(realdata).parent
+    serial = ingest(src, tmp_path / "serial", quiet=True, workers=1)
+    monkeypatch.setattr(ingest_module, "PARALLEL_MIN_PARTICLES", 0)
+    pooled = ingest(src, tmp_path / "pool", quiet=True, workers=2)
+    assert pooled.to_dict()["domains"][CEFAS_DOMAIN]["ingested"] == serial.ingested == 817
+    a = pq.read_table(tmp_path / "serial" / CEFAS_DOMAIN)
+    b = pq.read_table(tmp_path / "pool" / CEFAS_DOMAIN)
+    assert a.equals(b)
+
+
+def test_domain_override_and_bad_domain_names(rd: SimpleNamespace, realdata: Path, tmp_path: Path) -> None:
+    report = ingest(rd.ulco_prefix(realdata).parent, tmp_path, domain="ulco", quiet=True)
+    assert list(report.domains) == ["ulco"] and (tmp_path / "ulco" / "part-00000.parquet").is_file()
+    assert {r["domain"] for r in pq.read_table(tmp_path / "ulco").to_pylist()} == {"ulco"}
+    with pytest.raises(DataError, match="not a usable folder name"):
+        ingest(rd.ulco_prefix(realdata).parent, tmp_path, domain="../x", quiet=True)
+
+
+def test_channel_map_file_rescues_an_unknown_column(
+    rd: SimpleNamespace, realdata: Path, tmp_path: Path
+) -> None:
+    prefix = rd.copy_export(rd.ulco_prefix(realdata), tmp_path / "src")
+    rd.edit_lines(
+        Path(f"{prefix}_Pulses.csv"), lambda ls: [ls[0].replace(b";FL Red;", b";Red Fluo;")] + ls[1:]
+    )
+    with pytest.raises(DataError) as e:
+        ingest(prefix.parent, tmp_path / "out", quiet=True)
+    assert "_Pulses.csv: no column for canonical channel(s) ['FL Red']" in str(e.value)
+    assert "(not in the channel table: ['Red Fluo'])" in str(e.value)
+    cmap = tmp_path / "channels.yaml"
+    cmap.write_text("Red Fluo: FL Red\n")
+    report = ingest(prefix.parent, tmp_path / "out", channel_map=cmap, quiet=True)
+    assert report.ingested == 6
+    assert report.domains[ULCO_DOMAIN].channels[0]["mapping"]["FL Red"] == "Red Fluo"
+
+
+def test_format_detection(rd: SimpleNamespace, realdata: Path, tmp_path: Path) -> None:
+    assert detect_format(rd.cefas_prefix(realdata).parent) == "cytoclus"
+    assert detect_format(Path(f"{rd.cefas_prefix(realdata)}_Pulses.csv")) == "cytoclus"
+    assert detect_format(realdata / rd.CEFAS / "derived" / "syke_layout") == "syke"
+    assert detect_format(realdata / rd.BEADS / "derived") == "cyz2json"
+    (tmp_path / "notes.json").write_text('{"not": "cyz2json"}')  # other JSON files are ignored
+    with pytest.raises(DataError, match="cannot tell the format"):
+        detect_format(tmp_path)
+    with pytest.raises(DataError, match="no such file or folder"):
+        detect_format(tmp_path / "absent")
+    with pytest.raises(DataError, match="unknown format 'tiff'"):
+        ingest(tmp_path, tmp_path / "out", fmt="tiff", quiet=True)

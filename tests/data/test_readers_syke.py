@@ -1,0 +1,138 @@
+"""SYKE layout: the real Cefas/ULCO particles in that layout, and corrupted copies of them."""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from xmodal.data.quarantine import DataError
+
+LAYOUT = "derived/syke_layout"
+
+
+@pytest.fixture
+def cefas_layout(rd: SimpleNamespace, realdata: Path, tmp_path: Path) -> Path:
+    dest = tmp_path / "LAB"
+    shutil.copytree(realdata / rd.CEFAS / LAYOUT, dest)
+    dest.chmod(0o755)
+    for p in dest.rglob("*"):
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    return dest
+
+
+def test_cefas_layout_round_trips_and_matches_the_cytoclus_pulses(
+    rd: SimpleNamespace, realdata: Path, tmp_path: Path
+) -> None:
+    src = realdata / rd.CEFAS / LAYOUT
+    report, rows = rd.run(src, tmp_path)
+    assert (report.seen, report.ingested, list(report.domains)) == (4, 4, ["syke_layout"])
+    pulses = rd.pulse_text(Path(f"{rd.cefas_prefix(realdata)}_Pulses.csv"))
+    for pid in rd.CEFAS_IMAGED:
+        row = rows[f"syke_layout:{pid}"]
+        assert row["label"] is None  # the 'unlabelled' placeholder
+        assert row["image"] == (src / "images" / f"cefas_pond_{pid}.jpg").read_bytes()
+        np.testing.assert_array_equal(rd.profile(row), rd.as_float32(pulses[pid]))  # "13.0" vs "13"
+
+
+def test_header_crop_stores_the_cropped_pixels(
+    rd: SimpleNamespace, cefas_layout: Path, tmp_path: Path
+) -> None:
+    _, rows = rd.run(cefas_layout, tmp_path / "out", crop_header_px=25)
+    row = rows["LAB:88"]
+    original = np.asarray(Image.open(cefas_layout / "images" / "cefas_pond_88.jpg"))
+    assert (row["image_height"], row["image_width"]) == (160 - 25, 160)
+    stored = Image.open(io.BytesIO(row["image"]))
+    assert stored.format == "PNG"
+    np.testing.assert_array_equal(np.asarray(stored), original[25:])
+    report, _ = rd.run(cefas_layout, tmp_path / "out2", crop_header_px=100)  # 63 is 80 px high
+    entry = rd.quarantined(tmp_path / "out2")["LAB:63"]
+    assert entry["reason"] == "empty_image" and "100-px header crop" in entry["message"]
+    # cutting 100 rows off real crops (which have no header bar) also leaves strips with no object
+    assert set(report.reasons) == {"empty_image"} and report.seen == 4
+
+
+def test_root_with_several_layouts_labels_and_profile_column_order(
+    rd: SimpleNamespace, realdata: Path, cefas_layout: Path, tmp_path: Path
+) -> None:
+    root = cefas_layout.parent
+    shutil.copytree(realdata / rd.ULCO / LAYOUT, root / "SEA")
+    ann = cefas_layout / "annotations.csv"
+    ann.write_text(ann.read_text().replace(",unlabelled,63", ",diatom,63").replace(",unlabelled,88", ",,88"))
+    prof = cefas_layout / "profiles" / "cefas_pond_151.csv"
+    lines = [ln.split(",") for ln in prof.read_text().splitlines()]
+    order = [5, 0, 3, 1, 4, 2]  # shuffle columns, rename one: channels are found by name
+    lines[0][1] = "SWS"
+    prof.write_text("\n".join(",".join(ln[i] for i in order) for ln in lines) + "\n")
+    report, rows = rd.run(root, tmp_path / "out")
+    assert sorted(report.domains) == ["LAB", "SEA"]
+    assert (report.domains["LAB"].ingested, report.domains["SEA"].ingested) == (4, 4)
+    assert report.domains["SEA"].reasons == {"empty_image": 1}
+    assert [rows[f"LAB:{i}"]["label"] for i in (63, 88, 118)] == ["diatom", None, None]
+    pulses = rd.pulse_text(Path(f"{rd.cefas_prefix(realdata)}_Pulses.csv"))
+    np.testing.assert_array_equal(rd.profile(rows["LAB:151"]), rd.as_float32(pulses[151]))
+    assert {r["domain"] for k, r in rows.items() if k.startswith("SEA:")} == {"SEA"}
+
+
+def test_every_row_problem_gets_its_reason(rd: SimpleNamespace, cefas_layout: Path, tmp_path: Path) -> None:
+    images, profiles = cefas_layout / "images", cefas_layout / "profiles"
+    (images / "trunc.jpg").write_bytes((images / "cefas_pond_88.jpg").read_bytes()[:1500])
+    bomb = rd.jpeg_with_size((images / "cefas_pond_63.jpg").read_bytes(), 50000, 50000)
+    (images / "bomb.jpg").write_bytes(bomb)
+    good = (profiles / "cefas_pond_63.csv").read_text().splitlines()
+    (profiles / "nan.csv").write_text("\n".join(good[:3] + ["13.0,3.5,nan,0.0,2.167,0.39"] + good[4:]) + "\n")
+    (profiles / "short.csv").write_text("\n".join(good[:5] + ["13.0,3.5,0.0,2.167,0.39"] + good[6:]) + "\n")
+    (profiles / "empty.csv").write_text(good[0] + "\n")
+    outside = tmp_path / "outside.csv"
+    outside.write_text("\n".join(good) + "\n")
+    rows = [
+        "images/cefas_pond_63.jpg,profiles/cefas_pond_63.csv,a,ok_1",
+        f"{images / 'cefas_pond_88.jpg'},{profiles / 'cefas_pond_88.csv'},a,ok_absolute_inside",
+        "images/cefas_pond_118.jpg,,a,ok_image_only",
+        ",profiles/cefas_pond_118.csv,a,ok_profile_only",
+        "images/cefas_pond_63.jpg,../outside.csv,a,escape",
+        f"images/cefas_pond_63.jpg,{outside},a,absolute_outside",
+        "images/cefas_pond_63.jpg,profiles/none.csv,a,missing",
+        "images/cefas_pond_63.jpg,profiles/cefas_pond_63.csv,a,ok_1",
+        "images/cefas_pond_63.jpg,profiles/cefas_pond_63.csv,a",
+        "images/trunc.jpg,profiles/cefas_pond_63.csv,a,trunc",
+        "images/bomb.jpg,profiles/cefas_pond_63.csv,a,bomb",
+        "images/cefas_pond_63.jpg,profiles/nan.csv,a,nan",
+        "images/cefas_pond_63.jpg,profiles/short.csv,a,short",
+        "images/cefas_pond_63.jpg,profiles/empty.csv,a,empty",
+    ]
+    (cefas_layout / "annotations.csv").write_text(
+        "image,profile,class,particle_id\n" + "\n".join(rows) + "\n"
+    )
+    report, out_rows = rd.run(cefas_layout, tmp_path / "out")
+    reasons = {k: e["reason"] for k, e in rd.quarantined(tmp_path / "out").items()}
+    assert reasons == {
+        "LAB:escape": "path_escape", "LAB:absolute_outside": "path_escape", "LAB:missing": "missing_file",
+        "LAB:ok_1": "duplicate_id", "line 10": "malformed_row", "LAB:trunc": "unreadable_image",
+        "LAB:bomb": "image_too_large", "LAB:nan": "non_finite", "LAB:short": "malformed_row",
+        "LAB:empty": "malformed_row",
+    }  # fmt: skip
+    assert (report.seen, report.ingested, report.quarantined) == (14, 4, 10)
+    assert sorted(out_rows) == [
+        "LAB:ok_1",
+        "LAB:ok_absolute_inside",
+        "LAB:ok_image_only",
+        "LAB:ok_profile_only",
+    ]
+    assert (
+        not out_rows["LAB:ok_image_only"]["has_profile"] and not out_rows["LAB:ok_profile_only"]["has_image"]
+    )
+    assert "line 6: 5 fields, expected 6" in rd.quarantined(tmp_path / "out")["LAB:short"]["message"]
+
+
+def test_annotations_without_required_columns_is_an_error(cefas_layout: Path, tmp_path: Path) -> None:
+    from xmodal.data.ingest import ingest
+
+    (cefas_layout / "annotations.csv").write_text("img,profile,class\na.png,b.csv,x\n")
+    with pytest.raises(DataError, match=r"annotations\.csv: header .* lacks column\(s\) \['image'\]"):
+        ingest(cefas_layout, tmp_path / "out", quiet=True)

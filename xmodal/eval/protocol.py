@@ -26,7 +26,7 @@ Rules
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -224,7 +224,7 @@ class _Run:
     same_set: bool  # single mode without folds: a cell's gallery is removed from its queries
 
 
-def _runs(gal: _Side, qry: _Side, single: bool, repeats: int, seed: int, folds: int | None):
+def _runs(gal: _Side, qry: _Side, single: bool, repeats: int, seed: int, folds: int | None) -> Iterator[_Run]:
     fold_of = stratified_folds(gal.codes, folds, seed) if folds else None
     everyone = np.arange(len(gal.codes))
     for f in range(folds or 1):
@@ -254,7 +254,7 @@ def run_protocol(
 ) -> ProtocolResult:
     """Run the protocol (module docstring). ``keep_predictions`` stores, per cell and run, the
     gallery and query row numbers (into the input sets) and the predicted class codes."""
-    combos = [canonical_combo(c) for c in combos]
+    combos = list(dict.fromkeys(canonical_combo(c) for c in combos))
     parsed = {c: parse_combo(c) for c in combos}
     ks = sorted({int(k)} if isinstance(k, (int, np.integer)) else {int(x) for x in k})
     sizes = sorted({int(n) for n in gallery_sizes})

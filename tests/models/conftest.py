@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -29,6 +29,9 @@ def make_batch() -> Callable[..., dict[str, torch.Tensor]]:
 
 
 @pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    # Two cores are shared by several engineers' test runs.
+def _one_thread() -> Iterator[None]:
+    # Two cores are shared by several engineers' test runs; restored for other test folders.
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -88,8 +88,6 @@ class DinoHead(nn.Module):
 class DinoLoss(nn.Module):
     """Cross-entropy between centred, sharpened teacher outputs and student outputs."""
 
-    modalities = ("image",)
-
     def __init__(self, s: DinoSettings):
         super().__init__()
         self.settings = s

@@ -27,10 +27,8 @@ from xmodal.models.registries import LOSSES
 class ContrastiveLoss(nn.Module, abc.ABC):
     """Shared machinery: logit scale (stored as log), gathering, pair masks, stats.
 
-    Subclasses define ``pair_loss`` = the *sum* over this rank's valid anchor rows.
+    Subclasses define ``pair_loss``: the loss of each of this rank's anchor rows.
     """
-
-    modalities: tuple[str, ...] = ("image", "profile")
 
     def __init__(self, logit_scale: float, learnable_scale: bool, max_logit_scale: float, buckets: int):
         super().__init__()

@@ -66,7 +66,9 @@ def test_strict_fails_at_the_first_problem_and_keeps_previous_output(
         "_Listmode.csv" in msg and f"{ULCO_DOMAIN}:" in msg and "malformed_row" in msg and "--strict" in msg
     )
     assert {p.name: p.read_bytes() for p in (tmp_path / ULCO_DOMAIN).iterdir()} == before
-    assert not list(tmp_path.glob(".*ingest-tmp"))
+    assert len(rd.quarantined(tmp_path)) == 3  # the log and report of the last good run stay
+    assert json.loads((tmp_path / "ingest_report.json").read_text())["quarantined"] == 3
+    assert not list(tmp_path.glob(".*tmp"))
     report = ingest(rd.cefas_prefix(realdata).parent, tmp_path / "clean", strict=True, quiet=True)
     assert report.ingested == 817  # strict passes clean data
 

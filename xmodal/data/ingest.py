@@ -318,15 +318,20 @@ def ingest(
     )
     out.mkdir(parents=True, exist_ok=True)
     runner = _OrderedRunner(workers if workers is not None else min(2, os.cpu_count() or 1), max_pixels)
+    log = out / f".{QUARANTINE_NAME}.tmp"  # replaces the old log only when the run succeeds
     try:
-        with Quarantine(out / QUARANTINE_NAME, strict=strict) as quarantine, pil_pixel_limit(max_pixels):
+        with Quarantine(log, strict=strict) as quarantine, pil_pixel_limit(max_pixels):
             for name, sources in by_domain.items():
                 report.domains[name] = _ingest_domain(
                     name, sources, reader, opts, out, quarantine, runner, max_shard_bytes, quiet
                 )
             report.reasons, report.examples = dict(quarantine.counts), dict(quarantine.examples)
+    except BaseException:
+        log.unlink(missing_ok=True)
+        raise
     finally:
         runner.close()
+    os.replace(log, out / QUARANTINE_NAME)
     report.elapsed_s = round(time.perf_counter() - t0, 3)
     (out / REPORT_NAME).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     return report

@@ -152,7 +152,7 @@ def safe_path(root: str, rel: str) -> str:
     the dataset, which is how a crafted annotations.csv would read arbitrary files.
     """
     full = os.path.normpath(os.path.join(root, rel))
-    if os.path.commonpath([root, full]) != root:
+    if not full.startswith(root.rstrip(os.sep) + os.sep):
         raise Rejected("path_escape", f"path {rel!r} resolves to {full}, outside the dataset folder {root}")
     return full
 

@@ -207,10 +207,12 @@ def config_from_dict(data: dict[str, Any], where: str = "config") -> Config:
         raise ConfigError(f"{where}: {e}") from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Config:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None
+) -> Config:
     """Load ``path`` (YAML; None = laptop defaults) and apply ``--set`` overrides."""
     data: dict[str, Any] = {}
-    where = "defaults"
+    where = "config (defaults + --set)"
     if path:
         where = str(path)
         try:

@@ -41,8 +41,15 @@ def test_checkpoint_round_trip_is_weights_only(tmp_path):
     model(torch.ones(1, 4)).sum().backward()
     opt.step()
     cfg = Config()
-    d = save_checkpoint(tmp_path / "checkpoint_000001", cfg, model, epoch=1, global_step=7, optimizer=opt,
-                        metrics={"val_score": 0.5})
+    d = save_checkpoint(
+        tmp_path / "checkpoint_000001",
+        cfg,
+        model,
+        epoch=1,
+        global_step=7,
+        optimizer=opt,
+        metrics={"val_score": 0.5},
+    )
     state = load_checkpoint(d)
     assert state["epoch"] == 1 and state["global_step"] == 7 and state["config"] == cfg
     assert torch.equal(state["model"]["weight"], model.weight)

@@ -18,8 +18,16 @@ from xmodal.config import DataConfig
 from xmodal.data.schema import parquet_files, read_table
 from xmodal.data.transforms import Augment, to_model_batch
 
-COLUMNS = ["particle_id", "has_image", "image", "image_height", "image_width", "has_profile", "profile",
-           "profile_length"]
+COLUMNS = [
+    "particle_id",
+    "has_image",
+    "image",
+    "image_height",
+    "image_width",
+    "has_profile",
+    "profile",
+    "profile_length",
+]
 _calls = count()
 
 
@@ -31,8 +39,9 @@ def _batch_rng(seed: int, particle_ids: Any) -> np.random.Generator:
     return np.random.default_rng([seed, ids, os.getpid(), next(_calls)])
 
 
-def preprocess_batch(batch: dict[str, Any], image_size: int, profile_length: int,
-                     augment: Augment | None, seed: int) -> dict[str, np.ndarray]:
+def preprocess_batch(
+    batch: dict[str, Any], image_size: int, profile_length: int, augment: Augment | None, seed: int
+) -> dict[str, np.ndarray]:
     rng = _batch_rng(seed, batch["particle_id"]) if augment is not None else None
     return to_model_batch(batch, image_size, profile_length, augment, rng)
 
@@ -55,13 +64,18 @@ def train_dataset(cfg: DataConfig, augment: bool = True, batch_size: int = 64):
         preprocess_batch,
         batch_size=batch_size,
         batch_format="numpy",
-        fn_kwargs={"image_size": cfg.image_size, "profile_length": cfg.profile_length, "augment": aug,
-                   "seed": cfg.seed},
+        fn_kwargs={
+            "image_size": cfg.image_size,
+            "profile_length": cfg.profile_length,
+            "augment": aug,
+            "seed": cfg.seed,
+        },
     )
 
 
-def load_labelled(path: str, image_size: int, profile_length: int, max_particles: int = 0,
-                  seed: int = 0) -> dict[str, np.ndarray]:
+def load_labelled(
+    path: str, image_size: int, profile_length: int, max_particles: int = 0, seed: int = 0
+) -> dict[str, np.ndarray]:
     """A small labelled set, preprocessed in-process (no augmentation): validation galleries.
 
     Unlabelled rows are dropped; ``max_particles`` caps the set with a seeded, class-stratified

@@ -121,6 +121,7 @@ def resample(profile: np.ndarray, length: int) -> np.ndarray:
     if n > length:
         edges = np.linspace(0.0, n, length + 1)
         cum = np.concatenate([np.zeros((c, 1)), np.cumsum(profile, axis=1, dtype=np.float64)], axis=1)
+
         # integral of the piecewise-constant signal up to fractional position x
         def integral(x: np.ndarray) -> np.ndarray:
             i = np.minimum(np.floor(x).astype(int), n - 1)
@@ -135,7 +136,10 @@ def resample(profile: np.ndarray, length: int) -> np.ndarray:
 
 
 def profiles_to_array(
-    profiles: list[Any], lengths: np.ndarray, length: int, aug: Augment | None = None,
+    profiles: list[Any],
+    lengths: np.ndarray,
+    length: int,
+    aug: Augment | None = None,
     rng: np.random.Generator | None = None,
 ) -> np.ndarray:
     """Flat channel-major mV profiles -> float32 (B, C, length) in model range (zeros if absent)."""
@@ -145,7 +149,13 @@ def profiles_to_array(
         if flat is None or n == 0:
             continue
         p = np.asarray(flat, dtype=np.float32).reshape(N_CHANNELS, n)
-        if aug is not None and rng is not None and aug.temporal_crop > 0 and n > 2 and rng.random() < aug.temporal_crop:
+        if (
+            aug is not None
+            and rng is not None
+            and aug.temporal_crop > 0
+            and n > 2
+            and rng.random() < aug.temporal_crop
+        ):
             keep = max(2, round(n * rng.uniform(aug.temporal_crop_min, 1.0)))
             start = int(rng.integers(0, n - keep + 1))
             p = p[:, start : start + keep]
@@ -165,7 +175,10 @@ def profiles_to_array(
 
 
 def to_model_batch(
-    batch: dict[str, Any], image_size: int, profile_length: int, aug: Augment | None = None,
+    batch: dict[str, Any],
+    image_size: int,
+    profile_length: int,
+    aug: Augment | None = None,
     rng: np.random.Generator | None = None,
 ) -> dict[str, np.ndarray]:
     """Parquet columns (numpy batch) -> the model batch of docs/INTERFACES.md."""
@@ -174,8 +187,12 @@ def to_model_batch(
     images = [b if h else None for b, h in zip(batch["image"], has_image)]
     lengths = np.asarray(batch["profile_length"], dtype=np.int64)
     image, _ = images_to_array(images, image_size, aug, rng)
-    hw = np.stack([np.asarray(batch["image_height"]), np.asarray(batch["image_width"])], axis=1).astype(np.float32)
-    profile = profiles_to_array(list(batch["profile"]), np.where(has_profile, lengths, 0), profile_length, aug, rng)
+    hw = np.stack([np.asarray(batch["image_height"]), np.asarray(batch["image_width"])], axis=1).astype(
+        np.float32
+    )
+    profile = profiles_to_array(
+        list(batch["profile"]), np.where(has_profile, lengths, 0), profile_length, aug, rng
+    )
     if aug is not None and rng is not None:
         image, profile = _photometric_and_flip(image, profile, has_image, aug, rng)
     b = len(has_image)

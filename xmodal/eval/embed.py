@@ -21,15 +21,16 @@ MODEL_KEYS = ("image", "image_meta", "profile", "profile_mask", "profile_meta", 
 
 
 @torch.no_grad()
-def embed_arrays(module: torch.nn.Module, batch: dict[str, np.ndarray], device: torch.device,
-                 chunk: int = 256) -> dict[str, np.ndarray | None]:
+def embed_arrays(
+    module: torch.nn.Module, batch: dict[str, np.ndarray], device: torch.device, chunk: int = 256
+) -> dict[str, np.ndarray | None]:
     """Model batch (numpy) -> {"image": (N, E) float32 | None, "profile": ...}, L2-normalised.
     Rows lacking a modality get NaN-free zeros there (their ``has_*`` flag says so)."""
     n = len(batch["has_image"])
     parts: dict[str, list[np.ndarray]] = {}
     use_bf16 = device.type == "cuda"
     for s in range(0, n, chunk):
-        t = {k: torch.as_tensor(batch[k][s:s + chunk]).to(device) for k in MODEL_KEYS}
+        t = {k: torch.as_tensor(batch[k][s : s + chunk]).to(device) for k in MODEL_KEYS}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             out = module.embed(t)
         for key, v in out.items():
@@ -47,7 +48,9 @@ def embedding_set(batch: dict[str, Any], emb: dict[str, np.ndarray | None]) -> E
         image_emb=emb["image"],
         image_valid=np.asarray(batch["has_image"], bool) if emb["image"] is not None else np.zeros(n, bool),
         profile_emb=emb["profile"],
-        profile_valid=np.asarray(batch["has_profile"], bool) if emb["profile"] is not None else np.zeros(n, bool),
+        profile_valid=np.asarray(batch["has_profile"], bool)
+        if emb["profile"] is not None
+        else np.zeros(n, bool),
     )
 
 
@@ -76,26 +79,42 @@ class Embedder:
         cols["profile"] = table.column("profile").to_pylist()
         batch = to_model_batch(cols, self.cfg.data.image_size, self.cfg.data.profile_length)
         emb = embed_arrays(self.module, batch, self.device)
-        out = {"particle_id": table.column("particle_id"), "label": table.column("label"),
-               "domain": table.column("domain")}
+        out = {
+            "particle_id": table.column("particle_id"),
+            "label": table.column("label"),
+            "domain": table.column("domain"),
+        }
         for m, has in (("image", batch["has_image"]), ("profile", batch["has_profile"])):
             vecs = emb[m]
-            values = None if vecs is None else [v if h else None for v, h in zip(vecs.astype(np.float32), has)]
-            out[f"{m}_emb"] = pa.array(values if values is not None else [None] * table.num_rows,
-                                       type=pa.list_(self.dtype))
+            values = (
+                None if vecs is None else [v if h else None for v, h in zip(vecs.astype(np.float32), has)]
+            )
+            out[f"{m}_emb"] = pa.array(
+                values if values is not None else [None] * table.num_rows, type=pa.list_(self.dtype)
+            )
         return pa.table(out)
 
 
-def embed(checkpoint: str | Path, data: str | Path, out: str | Path, batch_size: int = 256,
-          float16: bool = False, actors: int | None = None, use_gpu: bool | None = None) -> Path:
+def embed(
+    checkpoint: str | Path,
+    data: str | Path,
+    out: str | Path,
+    batch_size: int = 256,
+    float16: bool = False,
+    actors: int | None = None,
+    use_gpu: bool | None = None,
+    address: str | None = None,
+) -> Path:
     """Embed every particle of ``data`` (Parquet folder) with ``checkpoint`` into ``out`` (Parquet)."""
     import ray
 
+    from xmodal.runtime import init_ray
     from xmodal.train.checkpoint import load_checkpoint, resolve_checkpoint
 
     ckpt_path = resolve_checkpoint(checkpoint)
     state = load_checkpoint(ckpt_path)
     files = [str(f) for f in parquet_files(data)]
+    init_ray(address)
     gpus = ray.cluster_resources().get("GPU", 0)
     use_gpu = gpus > 0 if use_gpu is None else use_gpu
     n_actors = actors or (int(gpus) if use_gpu else max(1, int(ray.cluster_resources().get("CPU", 1)) // 2))
@@ -116,5 +135,7 @@ def embed(checkpoint: str | Path, data: str | Path, out: str | Path, batch_size:
     ds.write_parquet(str(out.resolve()))
     n = sum(pq.ParquetFile(f).metadata.num_rows for f in out.glob("*.parquet"))
     dt = time.time() - t0
-    print(f"[xmodal] embedded {n} particles from {ckpt_path} in {dt:.1f}s ({n / max(dt, 1e-9):.0f}/s) -> {out}")
+    print(
+        f"[xmodal] embedded {n} particles from {ckpt_path} in {dt:.1f}s ({n / max(dt, 1e-9):.0f}/s) -> {out}"
+    )
     return out

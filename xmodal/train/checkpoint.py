@@ -16,9 +16,16 @@ from xmodal.config import Config, config_from_dict
 CKPT_FILE = "checkpoint.pt"
 
 
-def save_checkpoint(directory: str | Path, cfg: Config, model: torch.nn.Module, epoch: int, global_step: int,
-                    optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
-                    metrics: dict[str, float] | None = None) -> Path:
+def save_checkpoint(
+    directory: str | Path,
+    cfg: Config,
+    model: torch.nn.Module,
+    epoch: int,
+    global_step: int,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    metrics: dict[str, float] | None = None,
+) -> Path:
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     state = {
@@ -44,7 +51,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     p = Path(path)
     f = p / CKPT_FILE if p.is_dir() else p
     if not f.exists():
-        raise FileNotFoundError(f"no {CKPT_FILE} at {p}; pass a checkpoint folder, its {CKPT_FILE}, or a run folder")
+        raise FileNotFoundError(
+            f"no {CKPT_FILE} at {p}; pass a checkpoint folder, its {CKPT_FILE}, or a run folder"
+        )
     state = torch.load(f, map_location=map_location, weights_only=True)
     if not isinstance(state, dict) or state.get("format") != "xmodal-checkpoint-1":
         raise ValueError(f"{f} is not an xmodal checkpoint (missing format tag)")
@@ -64,5 +73,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
             return Path(best)
     found = sorted(p.glob(f"checkpoint_*/{CKPT_FILE}"), key=lambda f: f.stat().st_mtime)
     if not found:
-        raise FileNotFoundError(f"no checkpoint under {p}: run `xmodal pretrain` first or pass a checkpoint folder")
+        raise FileNotFoundError(
+            f"no checkpoint under {p}: run `xmodal pretrain` first or pass a checkpoint folder"
+        )
     return found[-1].parent

@@ -22,7 +22,9 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
-def check_finite(loss: torch.Tensor, batch: dict[str, torch.Tensor], module: torch.nn.Module, step: int) -> None:
+def check_finite(
+    loss: torch.Tensor, batch: dict[str, torch.Tensor], module: torch.nn.Module, step: int
+) -> None:
     """Stop with an error that names the step and the first non-finite tensor (input or parameter)."""
     if torch.isfinite(loss).all():
         return
@@ -71,7 +73,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if device.type == "cuda" and cfg.train.channels_last:
         module = module.to(memory_format=torch.channels_last)
     forward_module = torch.compile(module) if cfg.train.compile else module
-    model = ray.train.torch.prepare_model(forward_module, move_to_device=False) if world > 1 else forward_module
+    model = (
+        ray.train.torch.prepare_model(forward_module, move_to_device=False) if world > 1 else forward_module
+    )
 
     per_worker_bs = max(1, cfg.optim.batch_size // world)
     micro_bs = max(1, per_worker_bs // cfg.optim.grad_accum)
@@ -124,12 +128,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 global_step += 1
                 module.after_step(global_step / max(1, total_steps))
                 if rank == 0 and global_step % cfg.train.log_every == 0:
-                    logger.log("step", global_step, {"loss": loss.item(), "lr": scheduler.get_last_lr()[0],
-                                                    **{k: float(v) for k, v in stats.items()}})
+                    logger.log(
+                        "step",
+                        global_step,
+                        {
+                            "loss": loss.item(),
+                            "lr": scheduler.get_last_lr()[0],
+                            **{k: float(v) for k, v in stats.items()},
+                        },
+                    )
             t_fetch = time.time()
         elapsed = time.time() - t_epoch
         tot_samples, tot_time, tot_wait, tot_loss, tot_micro = _allreduce_sum(
-            [samples, elapsed, wait, loss_sum, float(n_micro)], device)
+            [samples, elapsed, wait, loss_sum, float(n_micro)], device
+        )
         metrics: dict[str, Any] = {
             "epoch": epoch + 1,
             "global_step": global_step,
@@ -138,8 +150,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "samples_per_s": tot_samples / max(1e-9, tot_time / world),
             "samples_per_s_worker": samples / max(1e-9, elapsed),
             "data_wait_frac": tot_wait / max(1e-9, tot_time),
-            **{f"train_{k}" if k != "logit_scale" and k != "logit_bias" else k: v / max(1, n_micro)
-               for k, v in stats_sum.items() if k != "loss"},
+            **{
+                f"train_{k}" if k != "logit_scale" and k != "logit_bias" else k: v / max(1, n_micro)
+                for k, v in stats_sum.items()
+                if k != "loss"
+            },
         }
         if not math.isfinite(metrics["train_loss"]):
             raise NonFiniteLossError(f"epoch {epoch + 1}: mean training loss is not finite")
@@ -149,13 +164,28 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 metrics.update(validate(module, val_data, cfg, device))
             metrics.setdefault("val_score", -metrics["train_loss"])  # no labelled set: rank by loss
             logger.log("epoch", epoch + 1, metrics)
-            print("[xmodal] " + progress_line(epoch, cfg.optim.epochs, metrics, time.time() - t_run,
-                                               epoch + 1 - start_epoch), flush=True)
+            print(
+                "[xmodal] "
+                + progress_line(
+                    epoch, cfg.optim.epochs, metrics, time.time() - t_run, epoch + 1 - start_epoch
+                ),
+                flush=True,
+            )
             if is_ckpt_epoch:
                 with tempfile.TemporaryDirectory() as tmp:
-                    save_checkpoint(tmp, cfg, module, epoch + 1, global_step, optimizer, scheduler,
-                                    {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-                    ray.train.report(_reportable(metrics), checkpoint=ray.train.Checkpoint.from_directory(tmp))
+                    save_checkpoint(
+                        tmp,
+                        cfg,
+                        module,
+                        epoch + 1,
+                        global_step,
+                        optimizer,
+                        scheduler,
+                        {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+                    )
+                    ray.train.report(
+                        _reportable(metrics), checkpoint=ray.train.Checkpoint.from_directory(tmp)
+                    )
             else:
                 ray.train.report(_reportable(metrics))
         else:

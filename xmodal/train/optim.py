@@ -26,7 +26,9 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    opt: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     total = max(1, cfg.epochs * steps_per_epoch)
     warmup = min(total - 1, round(cfg.warmup_epochs * steps_per_epoch))
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warmup, total))

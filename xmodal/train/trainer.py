@@ -25,11 +25,16 @@ class PretrainResult:
     last_metrics: dict[str, Any]
 
     def summary(self) -> str:
-        scores = ", ".join(f"{k[4:]} {100 * v:.1f}%" for k, v in self.best_metrics.items()
-                           if k.startswith("val_") and "-" in k and isinstance(v, float))
-        return (f"run folder:      {self.run_dir}\n"
-                f"best checkpoint: {self.best_checkpoint} (epoch {self.best_metrics.get('epoch')})\n"
-                f"validation:      {scores or 'no labelled validation set'}")
+        scores = ", ".join(
+            f"{k[4:]} {100 * v:.1f}%"
+            for k, v in self.best_metrics.items()
+            if k.startswith("val_") and "-" in k and isinstance(v, float)
+        )
+        return (
+            f"run folder:      {self.run_dir}\n"
+            f"best checkpoint: {self.best_checkpoint} (epoch {self.best_metrics.get('epoch')})\n"
+            f"validation:      {scores or 'no labelled validation set'}"
+        )
 
 
 def count_paired(path: str) -> int:
@@ -45,7 +50,9 @@ def run_name(cfg: Config, name: str | None) -> str:
     return name or cfg.train.name or time.strftime("pretrain-%Y%m%d-%H%M%S")
 
 
-def build_trainer(cfg: Config, name: str, callbacks: list[Any] | None = None, storage_path: str | None = None):
+def build_trainer(
+    cfg: Config, name: str, callbacks: list[Any] | None = None, storage_path: str | None = None
+):
     """The ``TorchTrainer`` for ``cfg`` (also used by Tune trials)."""
     import ray
     import ray.train
@@ -60,29 +67,44 @@ def build_trainer(cfg: Config, name: str, callbacks: list[Any] | None = None, st
     n_train = count_paired(cfg.data.train)
     workers = cfg.train.num_workers
     if n_train < cfg.optim.batch_size:
-        raise ValueError(f"{cfg.data.train}: {n_train} paired particles, fewer than one global batch "
-                         f"(optim.batch_size={cfg.optim.batch_size}); lower the batch size or add data")
+        raise ValueError(
+            f"{cfg.data.train}: {n_train} paired particles, fewer than one global batch "
+            f"(optim.batch_size={cfg.optim.batch_size}); lower the batch size or add data"
+        )
     val = None
     if cfg.data.val:
         # shipped through the object store so workers never need the driver's disk
-        val = ray.put(load_labelled(cfg.data.val, cfg.data.image_size, cfg.data.profile_length,
-                                    cfg.data.val_max_particles, cfg.data.seed))
+        val = ray.put(
+            load_labelled(
+                cfg.data.val,
+                cfg.data.image_size,
+                cfg.data.profile_length,
+                cfg.data.val_max_particles,
+                cfg.data.seed,
+            )
+        )
     per_worker_bs = max(1, cfg.optim.batch_size // workers // cfg.optim.grad_accum)
     resources = {"CPU": cfg.train.cpus_per_worker}
     if cfg.train.use_gpu:
         resources["GPU"] = 1
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "val": val, "n_train": n_train,
-                           "run_dir": str(Path(storage) / name) if "://" not in storage else None},
-        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=cfg.train.use_gpu,
-                                               resources_per_worker=resources),
+        train_loop_config={
+            "cfg": cfg.to_dict(),
+            "val": val,
+            "n_train": n_train,
+            "run_dir": str(Path(storage) / name) if "://" not in storage else None,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources
+        ),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=1, checkpoint_score_attribute="val_score", checkpoint_score_order="max"),
+                num_to_keep=1, checkpoint_score_attribute="val_score", checkpoint_score_order="max"
+            ),
             callbacks=callbacks or None,
         ),
         datasets={"train": train_dataset(cfg.data, augment=True, batch_size=per_worker_bs)},
@@ -97,18 +119,33 @@ def pretrain(cfg: Config, address: str | None = None, name: str | None = None) -
     name = run_name(cfg, name)
     t0 = time.time()
     trainer, storage = build_trainer(cfg, name)
-    print(f"[xmodal] pretraining '{name}': {cfg.model.image_encoder} + {cfg.model.profile_encoder}, "
-          f"loss {cfg.loss.name}, {cfg.optim.epochs} epochs, {cfg.train.num_workers} workers -> {storage}/{name}",
-          flush=True)
+    print(
+        f"[xmodal] pretraining '{name}': {cfg.model.image_encoder} + {cfg.model.profile_encoder}, "
+        f"loss {cfg.loss.name}, {cfg.optim.epochs} epochs, {cfg.train.num_workers} workers -> {storage}/{name}",
+        flush=True,
+    )
     result = trainer.fit()
     best_ckpt, best_metrics = None, dict(result.metrics or {})
     if result.best_checkpoints:
-        ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1].get("val_score", float("-inf")))
+        ckpt, best_metrics = max(
+            result.best_checkpoints, key=lambda cm: cm[1].get("val_score", float("-inf"))
+        )
         best_ckpt = Path(ckpt.path)
     run_dir = Path(result.path)
     out = PretrainResult(run_dir, best_ckpt, best_metrics, dict(result.metrics or {}))
-    (run_dir / "summary.json").write_text(json.dumps(
-        {"best_checkpoint": str(best_ckpt) if best_ckpt else None, "best_metrics": best_metrics,
-         "last_metrics": out.last_metrics, "wall_time_s": time.time() - t0}, indent=1, default=str))
-    print(f"[xmodal] pretraining finished in {format_duration(time.time() - t0)}\n{out.summary()}", flush=True)
+    (run_dir / "summary.json").write_text(
+        json.dumps(
+            {
+                "best_checkpoint": str(best_ckpt) if best_ckpt else None,
+                "best_metrics": best_metrics,
+                "last_metrics": out.last_metrics,
+                "wall_time_s": time.time() - t0,
+            },
+            indent=1,
+            default=str,
+        )
+    )
+    print(
+        f"[xmodal] pretraining finished in {format_duration(time.time() - t0)}\n{out.summary()}", flush=True
+    )
     return out

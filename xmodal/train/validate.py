@@ -17,26 +17,41 @@ VAL_CHUNK = 256
 
 
 @torch.no_grad()
-def validate(module: torch.nn.Module, val: dict[str, np.ndarray], cfg: Config, device: torch.device) -> dict[str, Any]:
+def validate(
+    module: torch.nn.Module, val: dict[str, np.ndarray], cfg: Config, device: torch.device
+) -> dict[str, Any]:
     was_training = module.training
     module.eval()
     out: dict[str, Any] = {}
     emb = embed_arrays(module, val, device, VAL_CHUNK)
     es = embedding_set(val, emb)
-    combos = [c for c in dict.fromkeys(["I-I", "P-P", "I+P-I+P", cfg.eval.val_combo])
-              if "P" not in c or "profile" in module.modalities]
+    combos = [
+        c
+        for c in dict.fromkeys(["I-I", "P-P", "I+P-I+P", cfg.eval.val_combo])
+        if "P" not in c or "profile" in module.modalities
+    ]
     for combo in combos:
-        out[f"val_{combo}"] = gallery_score(es, combo=combo, n=cfg.eval.val_n, k=cfg.eval.k, repeats=3,
-                                            seed=cfg.eval.seed)
+        out[f"val_{combo}"] = gallery_score(
+            es, combo=combo, n=cfg.eval.val_n, k=cfg.eval.k, repeats=3, seed=cfg.eval.seed
+        )
     out["val_combo"] = cfg.eval.val_combo if cfg.eval.val_combo in combos else "I-I"
     out["val_score"] = out[f"val_{out['val_combo']}"]
     if "profile" in module.modalities:
         losses, stats = [], {}
         n = len(val["has_image"])
         for s in range(0, n - 1, VAL_CHUNK):
-            chunk = {k: torch.as_tensor(val[k][s:s + VAL_CHUNK]).to(device)
-                     for k in ("image", "image_meta", "profile", "profile_mask", "profile_meta", "has_image",
-                               "has_profile")}
+            chunk = {
+                k: torch.as_tensor(val[k][s : s + VAL_CHUNK]).to(device)
+                for k in (
+                    "image",
+                    "image_meta",
+                    "profile",
+                    "profile_mask",
+                    "profile_meta",
+                    "has_image",
+                    "has_profile",
+                )
+            }
             if chunk["image"].shape[0] < 2:
                 continue
             with local_only():  # the other ranks are not in this forward pass

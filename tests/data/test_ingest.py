@@ -110,6 +110,12 @@ def test_channel_map_file_rescues_an_unknown_column(
     report = ingest(prefix.parent, tmp_path / "out", channel_map=cmap, quiet=True)
     assert report.ingested == 6
     assert report.domains[ULCO_DOMAIN].channels[0]["mapping"]["FL Red"] == "Red Fluo"
+    ingest(prefix.parent, tmp_path / "out", channel_map={"Red Fluo": "FL Red"}, quiet=True)
+    saved = json.loads((tmp_path / "out" / "ingest_report.json").read_text())
+    assert saved["options"]["channel_map"] == {"Red Fluo": "FL Red"} and saved["ingested"] == 6
+    Path(f"{prefix}_Listmode.csv").unlink()
+    with pytest.raises(DataError, match="_Listmode.csv: listmode file missing"):
+        ingest(prefix.parent, tmp_path / "out", channel_map=cmap, quiet=True)
 
 
 def test_format_detection(rd: SimpleNamespace, realdata: Path, tmp_path: Path) -> None:

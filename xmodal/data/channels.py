@@ -122,6 +122,7 @@ class ChannelMap:
     """The mapping table: user entries (tried first) followed by ``DEFAULT_CHANNEL_MAP``."""
 
     def __init__(self, extra: Mapping[str, str] | None = None, where: str = "channel map"):
+        self.extra = {str(k): str(v) for k, v in (extra or {}).items()}  # the user's entries, for reports
         entries: list[tuple[tuple[str, ...], str, str]] = []
         for expr, canonical in list((extra or {}).items()) + list(DEFAULT_CHANNEL_MAP):
             entries.append(

@@ -107,13 +107,18 @@ class IngestReport:
         return "\n".join(lines)
 
 
-def _run_task(task: Task) -> tuple[pa.Table | None, list[QuarantineEntry], int, dict[str, Any]]:
+Result = tuple[
+    pa.Table | None, list[QuarantineEntry], int, dict[str, Any]
+]  # records, entries, seen, channels
+
+
+def _run_task(task: Task) -> Result:
     """Runs in a worker: the reader's task, then records -> one Arrow table (cheap to send back)."""
     batch = task()
     return _split(batch)
 
 
-def _split(batch: Batch) -> tuple[pa.Table | None, list[QuarantineEntry], int, dict[str, Any]]:
+def _split(batch: Batch) -> Result:
     records = [x for x in batch.items if not isinstance(x, QuarantineEntry)]
     entries = [x for x in batch.items if isinstance(x, QuarantineEntry)]
     return (records_to_table(records) if records else None), entries, batch.seen, batch.channels
@@ -161,9 +166,7 @@ class _OrderedRunner:
             )
         return self.pool.submit(_run_task, work)
 
-    def run(
-        self, work: Iterator[Batch | Task]
-    ) -> Iterator[tuple[pa.Table | None, list[QuarantineEntry], int, dict]]:
+    def run(self, work: Iterator[Batch | Task]) -> Iterator[Result]:
         pending: deque[Future] = deque()
         for w in work:
             pending.append(self._submit(w))
@@ -311,7 +314,9 @@ def ingest(
             "domain": domain,
             "crop_header_px": crop_header_px,
             "max_pixels": max_pixels,
-            "channel_map": str(channel_map) if isinstance(channel_map, (str, Path)) else channel_map,
+            "channel_map": str(channel_map)
+            if isinstance(channel_map, (str, Path))
+            else opts.channel_map.extra,
             "fill_missing": fill_missing,
             "max_shard_bytes": max_shard_bytes,
         },

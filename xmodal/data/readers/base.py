@@ -10,6 +10,7 @@ particle ids), independently of what the checks decided, so that ingest can veri
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,3 +28,8 @@ class Batch:
 
 
 Task = Callable[[], Batch]
+
+
+def safe_name(text: str) -> str:
+    """A source / default domain name from a file name: runs of other characters become '_'."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")

@@ -8,9 +8,10 @@ particle 0. The listmode supplies each particle's ``Sample Length`` (checked aga
 is read whole (two numbers per particle). Particles with no crop are kept as profile-only records.
 
 Outcome per particle ID, first failing check wins: a malformed listmode row or pulse line ->
-``malformed_row``; an ID repeated in the listmode or the pulses -> ``duplicate_id`` (the first keeps
-the ID); an ID missing from the listmode or the pulses, or a crop with neither -> ``unmatched_id``;
-then ``length_mismatch``, ``non_finite`` and the image checks (in worker processes).
+``malformed_row``; a second pulse for an ID -> ``duplicate_id`` for the repeat (the first pulse keeps
+the ID); an ID with several listmode rows -> ``duplicate_id`` for every row, since which one describes
+the pulse is ambiguous; an ID missing from the listmode or the pulses, or a crop with neither ->
+``unmatched_id``; then ``length_mismatch``, ``non_finite`` and the image checks (in worker processes).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import numpy as np
 
 from xmodal.data.channels import ChannelPlan, normalize_name
 from xmodal.data.quarantine import DataError, QuarantineEntry, Rejected
-from xmodal.data.readers.base import Batch, Item, Task
+from xmodal.data.readers.base import Batch, Item, Task, safe_name
 from xmodal.data.readers.delimited import (
     BadLine,
     Dialect,
@@ -62,30 +63,29 @@ class Unit:
     crop: str | None
 
 
-def source_name(prefix: Path) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", prefix.name).strip("_")
-
-
 def find_sources(src: Path) -> list[tuple[str, Path]]:
     """Export prefixes (``<folder>/<set>``) of every ``*_Pulses.csv`` in ``src`` (or ``src`` itself)."""
     if src.is_file():
         for suffix in (PULSES, LISTMODE):
             if src.name.endswith(suffix):
                 prefix = src.with_name(src.name[: -len(suffix)])
-                return [(source_name(prefix), prefix)]
+                return [(safe_name(prefix.name), prefix)]
         raise DataError(f"{src}: not a CytoClus file (expected a name ending in {PULSES} or {LISTMODE})")
     prefixes = (
         sorted(p.with_name(p.name[: -len(PULSES)]) for p in src.glob(f"*{PULSES}")) if src.is_dir() else []
     )
     if not prefixes:
         raise DataError(f"{src}: no *{PULSES} file (CytoClus export expected)")
-    return [(source_name(p), p) for p in prefixes]
+    return [(safe_name(p.name), p) for p in prefixes]
 
 
-def count(prefix: Path) -> int:
-    """Listmode rows (for progress ETA)."""
-    with open(f"{prefix}{LISTMODE}", "rb") as f:
-        return max(0, sum(1 for line in f if line.strip()) - 1)
+def count(prefix: Path) -> int | None:
+    """Listmode rows (for progress ETA); None without a listmode (``read_listmode`` says why)."""
+    try:
+        with open(f"{prefix}{LISTMODE}", "rb") as f:
+            return max(0, sum(1 for line in f if line.strip()) - 1)
+    except FileNotFoundError:
+        return None
 
 
 def read_listmode(path: str, source: str) -> tuple[dict[int, ListmodeRow], list[QuarantineEntry], set[int]]:

@@ -19,7 +19,6 @@ import binascii
 import functools
 import gzip
 import json
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ import numpy as np
 
 from xmodal.data.channels import ChannelPlan, normalize_name
 from xmodal.data.quarantine import DataError, QuarantineEntry, Rejected
-from xmodal.data.readers.base import Batch, Item, Task
+from xmodal.data.readers.base import Batch, Item, Task, safe_name
 from xmodal.data.readers.validate import ReaderOptions, check_image, check_profile
 from xmodal.data.schema import CHANNELS, make_record
 
@@ -42,7 +41,7 @@ def _stem(path: Path) -> str:
         if name.endswith(suffix):
             name = name[: -len(suffix)]
             break
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")
+    return safe_name(name)
 
 
 def looks_like_cyz2json(path: Path) -> bool:

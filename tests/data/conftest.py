@@ -111,6 +111,14 @@ def jpeg_with_size(data: bytes, height: int, width: int) -> bytes:
 
 
 @pytest.fixture(scope="session")
+def cefas_ingested(
+    realdata: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Any, dict[str, dict[str, Any]]]:
+    """(report, rows) of the real Cefas CytoClus export, ingested once per session (read-only)."""
+    return run(cefas_prefix(realdata).parent, tmp_path_factory.mktemp("cefas"))
+
+
+@pytest.fixture(scope="session")
 def rd() -> SimpleNamespace:
     return SimpleNamespace(
         CEFAS=CEFAS, ULCO=ULCO, BEADS=BEADS, CEFAS_IMAGED=CEFAS_IMAGED,

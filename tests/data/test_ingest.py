@@ -69,8 +69,10 @@ def test_strict_fails_at_the_first_problem_and_keeps_previous_output(
     assert len(rd.quarantined(tmp_path)) == 3  # the log and report of the last good run stay
     assert json.loads((tmp_path / "ingest_report.json").read_text())["quarantined"] == 3
     assert not list(tmp_path.glob(".*tmp"))
-    report = ingest(rd.cefas_prefix(realdata).parent, tmp_path / "clean", strict=True, quiet=True)
-    assert report.ingested == 817  # strict passes clean data
+    report = ingest(
+        realdata / rd.CEFAS / "derived" / "syke_layout", tmp_path / "clean", strict=True, quiet=True
+    )
+    assert report.ingested == 4  # strict passes clean data
 
 
 def test_process_pool_gives_the_in_process_result(

@@ -13,17 +13,10 @@ from PIL import Image
 from xmodal.data.readers import cytoclus
 
 
-@pytest.fixture(scope="module")
-def cefas(rd: SimpleNamespace, realdata: Path, tmp_path_factory: pytest.TempPathFactory):
-    out = tmp_path_factory.mktemp("cefas")
-    report, rows = rd.run(rd.cefas_prefix(realdata).parent, out)
-    return report, rows
-
-
 def test_cefas_export_gives_817_particles_of_6_channels_4_with_images(
-    rd: SimpleNamespace, cefas, realdata: Path
+    rd: SimpleNamespace, cefas_ingested, realdata: Path
 ) -> None:
-    report, rows = cefas
+    report, rows = cefas_ingested
     assert (report.seen, report.ingested, report.quarantined) == (817, 817, 0)
     listmode = rd.cefas_prefix(realdata).with_name(rd.cefas_prefix(realdata).name + "_Listmode.csv")
     with open(listmode, encoding="utf-8-sig") as f:
@@ -44,8 +37,10 @@ def test_cefas_export_gives_817_particles_of_6_channels_4_with_images(
     }  # fmt: skip
 
 
-def test_cefas_pulses_and_images_round_trip_exactly(rd: SimpleNamespace, cefas, realdata: Path) -> None:
-    _, rows = cefas
+def test_cefas_pulses_and_images_round_trip_exactly(
+    rd: SimpleNamespace, cefas_ingested, realdata: Path
+) -> None:
+    _, rows = cefas_ingested
     prefix = rd.cefas_prefix(realdata)
     text = rd.pulse_text(Path(f"{prefix}_Pulses.csv"))
     for pid in (63, 88, 175871, 73362, 1700):  # imaged ones, the longest, a shortest
@@ -163,12 +158,12 @@ def test_unreadable_and_oversized_crops(rd: SimpleNamespace, cefas_copy: Path, t
 
 
 def test_block_boundaries_do_not_change_the_result(
-    rd: SimpleNamespace, realdata: Path, tmp_path: Path, cefas, monkeypatch: pytest.MonkeyPatch
+    rd: SimpleNamespace, realdata: Path, tmp_path: Path, cefas_ingested, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Pulses are streamed in blocks; tiny blocks split particles and separator pairs everywhere."""
     monkeypatch.setattr(cytoclus, "BLOCK_BYTES", 5000)
     _, rows = rd.run(rd.cefas_prefix(realdata).parent, tmp_path / "cefas")
-    _, reference = cefas
+    _, reference = cefas_ingested
     assert rows.keys() == reference.keys()
     for pid, row in rows.items():
         assert row == reference[pid], pid

@@ -46,12 +46,14 @@ def test_beads_json_gives_535_particles_with_mapped_channels(
     assert (min(lengths), max(lengths)) == (24, 48)
 
 
-def test_cefas_json_equals_the_cytoclus_export(rd: SimpleNamespace, realdata: Path, tmp_path: Path) -> None:
+def test_cefas_json_equals_the_cytoclus_export(
+    rd: SimpleNamespace, realdata: Path, tmp_path: Path, cefas_ingested
+) -> None:
     """The same 817 particles through two readers: identical profiles and image bytes."""
     _, from_json = rd.run(
         realdata / rd.CEFAS / "derived" / "cefas_pond.cyz2json-layout.json.gz", tmp_path / "j"
     )
-    _, from_csv = rd.run(rd.cefas_prefix(realdata).parent, tmp_path / "c")
+    _, from_csv = cefas_ingested
     by_id = {k.rsplit(":", 1)[1]: v for k, v in from_csv.items()}
     assert len(from_json) == len(by_id) == 817
     for key, row in from_json.items():
@@ -137,3 +139,13 @@ def test_missing_channel_is_an_error_or_a_masked_zero_channel(
     assert row["channel_mask"] == [True, True, True, False, True, True]
     assert not rd.profile(row)[3].any() and rd.profile(row)[4].any()
     assert report.domains["ulco"].channels[0]["mapping"]["FL Orange"] is None
+
+
+def test_two_files_with_one_source_name_are_refused(
+    rd: SimpleNamespace, ulco_doc: dict, tmp_path: Path
+) -> None:
+    """Particle ids are '<source>:<id>': ulco.json and ulco.json.gz would collide."""
+    _write(ulco_doc, tmp_path / "in" / "ulco.json.gz")
+    (tmp_path / "in" / "ulco.json").write_text(json.dumps(ulco_doc))
+    with pytest.raises(DataError, match="both get the source name 'ulco'"):
+        rd.run(tmp_path / "in", tmp_path / "out")

@@ -303,7 +303,13 @@ def ingest(
     reader = get_reader(fmt)
     opts = ReaderOptions(crop_header_px, max_pixels, ChannelMap.coerce(channel_map), fill_missing)
     by_domain: dict[str, list[tuple[str, Path]]] = {}
+    names: dict[str, Path] = {}
     for source, path in reader.find_sources(src):
+        if source in names:  # particle ids are "<source>:<id>": two sources must not share a name
+            raise DataError(
+                f"{names[source]} and {path} both get the source name {source!r}; ingest them separately"
+            )
+        names[source] = path
         by_domain.setdefault(_check_domain(domain or source), []).append((source, path))
     report = IngestReport(
         str(src),

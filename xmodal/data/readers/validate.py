@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 
 import numpy as np
-from PIL import Image, ImageChops, ImageFilter, UnidentifiedImageError
+from PIL import Image, ImageChops, ImageFilter
 
 from xmodal.data.channels import ChannelMap
 from xmodal.data.quarantine import Rejected
@@ -29,6 +29,7 @@ DEFAULT_MAX_PIXELS = 4096 * 4096  # real CytoSense crops are <= 1280x400; full f
 DEFAULT_EMPTY_CONTRAST = 24.0  # gray levels (0-255), see the module docstring
 _BLUR_SIGMA = 8.0  # px: wider than a crop's edges, narrower than background gradients
 _CONTRAST_QUANTILE = 0.999  # ignores isolated specks (dust, JPEG ringing), keeps objects of >= 0.1% area
+_PNG_MODES = {"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"}  # others (e.g. CMYK JPEG) go to RGB
 
 
 @dataclass(frozen=True)
@@ -91,12 +92,14 @@ def check_image(
     ``crop_box`` = (x, y, width, height) inside the image (cyz2json's cropRectangle). The original
     bytes are stored unless the image was cropped (crop box or header), then the crop is stored as PNG.
     """
+    # Pillow's decoders raise many types on corrupt input (OSError, SyntaxError, struct.error,
+    # IndexError, ...); any of them means "this image cannot be read", never "stop the ingest".
     try:
         im = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as e:
         raise Rejected("image_too_large", f"{e} (limit --max-pixels {opts.max_pixels})") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise Rejected("unreadable_image", f"cannot open image ({len(data)} bytes): {e}") from None
+    except Exception as e:
+        raise Rejected("unreadable_image", f"cannot open image ({len(data)} bytes): {e!r}") from None
     w, h = im.size
     if w * h > opts.max_pixels:
         raise Rejected(
@@ -106,8 +109,8 @@ def check_image(
         im.load()
     except Image.DecompressionBombError as e:
         raise Rejected("image_too_large", str(e)) from None
-    except (OSError, ValueError, SyntaxError, EOFError) as e:
-        raise Rejected("unreadable_image", f"cannot decode {w}x{h} {im.format} image: {e}") from None
+    except Exception as e:
+        raise Rejected("unreadable_image", f"cannot decode {w}x{h} {im.format} image: {e!r}") from None
     cropped = False
     if crop_box is not None and tuple(crop_box) != (0, 0, w, h):
         x, y, cw, ch = (int(v) for v in crop_box)
@@ -129,7 +132,7 @@ def check_image(
         )
     if cropped:
         buf = io.BytesIO()
-        im.save(buf, format="PNG")
+        (im if im.mode in _PNG_MODES else im.convert("RGB")).save(buf, format="PNG")
         data = buf.getvalue()
     return data, (h, w)
 

@@ -109,8 +109,13 @@ class ShardWriter:
     ``max_shard_bytes`` so that Ray Data can read shards in parallel and no file grows unbounded.
     """
 
-    def __init__(self, out_dir: str | Path, max_shard_bytes: int = 128 * 2**20, rows_per_group: int = 2048,
-                 prefix: str = "part"):
+    def __init__(
+        self,
+        out_dir: str | Path,
+        max_shard_bytes: int = 128 * 2**20,
+        rows_per_group: int = 2048,
+        prefix: str = "part",
+    ):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.max_shard_bytes = max_shard_bytes
@@ -137,7 +142,10 @@ class ShardWriter:
             return
         if self._writer is None:
             self._path = self.out_dir / f"{self.prefix}-{self._shard:05d}.parquet"
-            self._writer = pq.ParquetWriter(self._path, SCHEMA, compression="zstd")
+            # dictionary-encoding the per-particle blobs costs time and saves nothing
+            self._writer = pq.ParquetWriter(
+                self._path, SCHEMA, compression="zstd", use_dictionary=["source", "domain", "label"]
+            )
             self.paths.append(self._path)
         self._writer.write_table(table, row_group_size=self.rows_per_group)
         self.rows += table.num_rows
@@ -183,7 +191,9 @@ def read_table(path: str | Path, columns: list[str] | None = None) -> pa.Table:
     return pa.concat_tables([pq.read_table(f, columns=columns) for f in parquet_files(path)])
 
 
-def iter_tables(path: str | Path, columns: list[str] | None = None, batch_rows: int = 4096) -> Iterator[pa.Table]:
+def iter_tables(
+    path: str | Path, columns: list[str] | None = None, batch_rows: int = 4096
+) -> Iterator[pa.Table]:
     """Stream a dataset in bounded batches (archives do not fit in memory)."""
     for f in parquet_files(path):
         pf = pq.ParquetFile(f)

@@ -11,8 +11,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import numpy as np
-
 from xmodal.eval.embeddings import EmbeddingSet, load_embeddings
 from xmodal.eval.protocol import COMBOS, ProtocolResult, run_protocol
 from xmodal.eval.report import markdown, write_report
@@ -117,7 +115,7 @@ def benchmark(
         )
     paths = write_report(results, out_dir)
     print(markdown(results))
-    n_cells = sum(int(np.sum([bool(c.accuracy) for c in r.cells.values()])) for r in results)
+    n_cells = sum(bool(c.accuracy) for r in results for c in r.cells.values())
     print(
         f"[xmodal] benchmark: {len(results)} model(s), {n_cells} cells -> {paths['md']}, {paths['plot'].name}"
     )

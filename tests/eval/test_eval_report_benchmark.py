@@ -31,9 +31,9 @@ def test_report_files_hold_every_number(ev, tmp_path: Path) -> None:
         assert set(c["per_class_recall"]) == set(result.classes)
     md = paths["md"].read_text()
     cell = result.cell("I+P-I+P", 4)
-    row = next(line for line in md.splitlines() if line.startswith("| I+P – I+P |"))
+    row = next(line for line in md.splitlines() if line.startswith("| I+P-I+P |"))
     assert f"{100 * cell.mean():.1f} ± {100 * cell.std():.1f}" in row
-    assert "| G–Q | n=1 | n=4 |" in md
+    assert "| gallery-query | n=1 | n=4 |" in md
     for name in ("accuracy_vs_gallery.png", "confusion_I-I.png", "confusion_I+P-I+P.png"):
         with Image.open(tmp_path / name) as im:
             assert im.size[0] > 300 and im.size[1] > 200
@@ -52,8 +52,8 @@ def test_benchmark_compares_models_in_one_table(ev, tmp_path: Path) -> None:
     assert [r.name for r in results] == ["crossmodal", "dino_emb"]
     assert results[0].combos == list(COMBOS)
     md = (tmp_path / "out" / "results.md").read_text()
-    assert "| model | G–Q | n=1 | n=2 |" in md
-    assert "| dino_emb | P – P | – | – |" in md  # the image-only model has no profile cells
+    assert "| model | gallery-query | n=1 | n=2 |" in md
+    assert "| dino_emb | P-P | – | – |" in md  # the image-only model has no profile cells
     assert "P-P: not evaluated: no eligible gallery particle (2 runs)" in md
     assert len(json.loads((tmp_path / "out" / "results.json").read_text())["results"]) == 2
 

@@ -74,12 +74,12 @@ def markdown(results: ProtocolResult | Sequence[ProtocolResult]) -> str:
             f"## Accuracy (%), k = {k}: rows = gallery–query, columns = labelled particles per class",
             "",
         ]
-        head = (["model"] if several else []) + ["G–Q"] + [f"n={n}" for n in sizes]
+        head = (["model"] if several else []) + ["gallery-query"] + [f"n={n}" for n in sizes]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in rs:
             for combo in r.combos:
                 row = [r.name] if several else []
-                row.append(combo.replace("-", " – ", 1))
+                row.append(combo)
                 for n in sizes:
                     row.append(_pct(r.cell(combo, n, k)) if (combo, n, k) in r.cells else "–")
                 lines.append("| " + " | ".join(row) + " |")
@@ -87,15 +87,16 @@ def markdown(results: ProtocolResult | Sequence[ProtocolResult]) -> str:
         n, k = r.gallery_sizes[-1], r.ks[0]
         title = f"{r.name} — " if r.name else ""
         lines += ["", f"## {title}macro metrics (%) at n = {n}, k = {k}", ""]
-        lines += ["| G–Q | accuracy | precision | recall | F1 | queries / run |", "|---|---|---|---|---|---|"]
+        lines += [
+            "| gallery-query | accuracy | precision | recall | F1 | queries / run |",
+            "|---|---|---|---|---|---|",
+        ]
         for combo in r.combos:
             cell = r.cell(combo, n, k)
             if not cell.accuracy:
                 continue  # listed in the notes below
             queries = f"{np.mean(cell.n_queries):.0f}"
-            row = [combo.replace("-", " – ", 1)] + [
-                _pct(cell, m) for m in ("accuracy", "precision", "recall", "f1")
-            ]
+            row = [combo] + [_pct(cell, m) for m in ("accuracy", "precision", "recall", "f1")]
             lines.append("| " + " | ".join(row + [queries]) + " |")
         notes = _notes(r)
         if notes:
@@ -134,8 +135,8 @@ def plot_confusion(results: ProtocolResult | Sequence[ProtocolResult], combo: st
     """Row-normalised confusion matrix (recall on the diagonal), pooled over runs, at the largest n
     and first k; a panel per model."""
     rs = _as_list(results)
-    fig = Figure(figsize=(6 * len(rs), 5.2), layout="constrained")
-    axes = fig.subplots(1, len(rs), squeeze=False)[0]
+    fig = Figure(figsize=(6 * len(rs), 5.2))  # a layout engine with colorbars doubles the time; "tight" trims
+    axes = fig.subplots(1, len(rs), squeeze=False, gridspec_kw={"wspace": 0.45})[0]
     for ax, r in zip(axes, rs):
         n = r.gallery_sizes[-1]
         cell = r.cell(combo, n)
@@ -151,7 +152,7 @@ def plot_confusion(results: ProtocolResult | Sequence[ProtocolResult], combo: st
             ax.set_yticks(ticks, r.classes, fontsize=6)
         fig.colorbar(im, ax=ax, shrink=0.8, label="fraction of the true class")
     out = Path(path)
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=120, bbox_inches="tight")
     return out
 
 

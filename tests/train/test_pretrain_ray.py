@@ -182,3 +182,22 @@ def test_killed_worker_run_finishes_from_last_checkpoint(ray_session, tiny_data,
 def test_laptop_config_loads():
     cfg = load_config(REPO / "configs" / "laptop.yaml")
     assert cfg.train.num_workers == 2 and not cfg.train.use_gpu
+
+
+def test_dino_baseline_trains_through_ray_train_and_embeds_image_only(ray_session, tiny_data, tmp_path):
+    from xmodal.eval.embed import embed
+    from xmodal.eval.embeddings import load_embeddings
+    from xmodal.train.trainer import pretrain
+
+    cfg = load_config(
+        REPO / "configs" / "laptop.yaml",
+        overrides(
+            tiny_data, tmp_path / "runs", **{"loss.name": "dino", "optim.epochs": 1, "train.num_workers": 1}
+        ),
+    )
+    result = pretrain(cfg, name="dino")
+    assert result.best_checkpoint is not None
+    assert 0 <= result.best_metrics["val_I-I"] <= 1 and "val_P-P" not in result.best_metrics
+    embed(result.run_dir, tiny_data / "LAB", tmp_path / "emb")
+    es = load_embeddings(tmp_path / "emb")
+    assert es.image_valid.all() and not es.profile_valid.any()

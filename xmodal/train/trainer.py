@@ -1,5 +1,9 @@
 """The pretraining job on the driver: builds the Ray Data input and the ``TorchTrainer``, runs it,
-and reports the best checkpoint. Re-running with the same run name resumes from its last checkpoint."""
+and reports the best checkpoint. Re-running with the same run name resumes from its last checkpoint.
+
+``train.storage_path`` may be a shared folder or an object-store URI (``s3://...``): checkpoints go
+there through Ray Train, metrics through ``MetricsLogger`` on rank 0, ``summary.json`` from here,
+all through pyarrow filesystems (``xmodal.storage``)."""
 
 from __future__ import annotations
 
@@ -14,13 +18,14 @@ import pyarrow.parquet as pq
 
 from xmodal.config import Config
 from xmodal.data.schema import parquet_files
+from xmodal.storage import durable, join, write_text
 from xmodal.train.metrics import format_duration
 
 
 @dataclass
 class PretrainResult:
-    run_dir: Path
-    best_checkpoint: Path | None
+    run_dir: str  # local path or URI, as ``train.storage_path`` was given
+    best_checkpoint: str | None
     best_metrics: dict[str, Any]
     last_metrics: dict[str, Any]
 
@@ -61,9 +66,7 @@ def build_trainer(
     from xmodal.data.pipeline import load_labelled, train_dataset
     from xmodal.train.loop import train_loop_per_worker
 
-    storage = storage_path or cfg.train.storage_path
-    if "://" not in storage:
-        storage = str(Path(storage).resolve())
+    storage = durable(storage_path or cfg.train.storage_path, "train.storage_path")
     n_train = count_paired(cfg.data.train)
     workers = cfg.train.num_workers
     if n_train < cfg.optim.batch_size:
@@ -93,7 +96,7 @@ def build_trainer(
             "cfg": cfg.to_dict(),
             "val": val,
             "n_train": n_train,
-            "run_dir": str(Path(storage) / name) if "://" not in storage else None,
+            "run_dir": join(storage, name),
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources
@@ -125,25 +128,27 @@ def pretrain(cfg: Config, address: str | None = None, name: str | None = None) -
         flush=True,
     )
     result = trainer.fit()
+    run_dir = join(storage, name)
     best_ckpt, best_metrics = None, dict(result.metrics or {})
     if result.best_checkpoints:
         ckpt, best_metrics = max(
             result.best_checkpoints, key=lambda cm: cm[1].get("val_score", float("-inf"))
         )
-        best_ckpt = Path(ckpt.path)
-    run_dir = Path(result.path)
+        # Ray gives the path inside its filesystem (no scheme); checkpoints sit directly in the run folder
+        best_ckpt = join(run_dir, Path(ckpt.path).name)
     out = PretrainResult(run_dir, best_ckpt, best_metrics, dict(result.metrics or {}))
-    (run_dir / "summary.json").write_text(
+    write_text(
+        join(run_dir, "summary.json"),
         json.dumps(
             {
-                "best_checkpoint": str(best_ckpt) if best_ckpt else None,
+                "best_checkpoint": best_ckpt,
                 "best_metrics": best_metrics,
                 "last_metrics": out.last_metrics,
                 "wall_time_s": time.time() - t0,
             },
             indent=1,
             default=str,
-        )
+        ),
     )
     print(
         f"[xmodal] pretraining finished in {format_duration(time.time() - t0)}\n{out.summary()}", flush=True

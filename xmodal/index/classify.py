@@ -1,0 +1,326 @@
+"""``xmodal classify``: new particles -> gallery k-NN with the paper's vote, and open-set rejection.
+
+The gallery is a labelled embeddings folder (searched exactly) or an index built from one. Per
+query particle, each of its query vectors (image, profile, or both for I+P) brings its k nearest
+gallery rows, and all of them vote with weight 1 / (1 - cosine) (``xmodal.eval.knn.vote``).
+
+* ``confidence``: the winning class's share of the vote weight;
+* ``similarity``: cosine similarity of the nearest gallery row;
+* ``score`` (the open-set score): the mean over the neighbours of their similarity (floored at 0)
+  when they belong to the winning class and 0 when not. It is high only when the neighbours both
+  agree and are close; an unseen species or detritus is far from every gallery class, so it scores
+  low even when its few neighbours happen to agree.
+
+A particle whose score is below the threshold is predicted ``unknown``. The threshold is set, or
+calibrated by leave-one-out on the gallery: each gallery particle is classified against the others,
+and the threshold is the largest that still accepts ``accept`` of them.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from xmodal.data.schema import parquet_files
+from xmodal.eval.embeddings import EmbeddingSet, load_embeddings
+from xmodal.eval.knn import vote
+from xmodal.eval.progress import ProgressLog
+from xmodal.index.html import contact_sheet, read_images
+from xmodal.index.outputs import UNKNOWN, PredictionWriter
+from xmodal.index.search import QueryVectors, search_index, search_rows, top_particles
+from xmodal.index.store import META_FILE, load_index
+from xmodal.index.vectors import kind_rows, modalities, query_vectors
+
+
+@dataclass
+class Gallery:
+    """Labelled rows to vote with: a search index over them and, per row, its class code and particle."""
+
+    index: faiss.Index
+    kind: str
+    codes: np.ndarray  # (rows,) class code per row
+    classes: list[str]  # code -> class name (sorted)
+    particle: np.ndarray  # (rows,) particle code per row (0..P-1)
+    particle_id: np.ndarray  # (P,) ids
+    vectors: dict[
+        str, tuple[np.ndarray, np.ndarray]
+    ]  # modality -> (P, D) vectors, valid (P,) (leave-one-out)
+    source: str
+
+
+def _encode(labels: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    classes = sorted(set(labels.tolist()))
+    lookup = {c: i for i, c in enumerate(classes)}
+    return np.array([lookup[v] for v in labels], dtype=np.int64), classes
+
+
+def gallery_from_embeddings(path: str | Path, kind: str = "fused") -> Gallery:
+    """An exact gallery from a labelled embeddings folder; unlabelled particles are left out."""
+    es = load_embeddings(path)
+    keep = es.labelled
+    if not keep.any():
+        raise ValueError(f"{path}: no labelled particles; a gallery needs labels (the `label` column)")
+    es = es.subset(keep)
+    rows = kind_rows(es, kind, where=str(path))
+    if len(rows.particle) == 0:
+        raise ValueError(f"{path}: no {kind} embeddings among the labelled particles; choose another --kind")
+    index = faiss.IndexFlatIP(rows.vectors.shape[1])
+    index.add(rows.vectors)
+    codes, classes = _encode(es.label[rows.particle])
+    return Gallery(
+        index, kind, codes, classes, rows.particle, es.particle_id, query_vectors(es, "fused"), str(path)
+    )
+
+
+def gallery_from_index(path: str | Path, use_gpu: bool | None = None) -> Gallery:
+    """A gallery from an index whose rows are all labelled (built from gallery embeddings)."""
+    stored = load_index(path)
+    unlabelled = np.array([v is None for v in stored.ids.label])
+    if unlabelled.any():
+        raise ValueError(
+            f"{path}: {int(unlabelled.sum())} of {len(unlabelled)} index rows are unlabelled (e.g. particle "
+            f"{stored.ids.particle_id[unlabelled][0]}); build the gallery index from labelled embeddings only"
+        )
+    codes, classes = _encode(stored.ids.label)
+    n_part = int(stored.ids.particle.max()) + 1
+    first = stored.ids.first_row
+    vectors = {}
+    for m in ("image", "profile"):
+        sel = np.flatnonzero(stored.ids.modality == m)
+        vecs, valid = np.zeros((n_part, stored.index.d), np.float32), np.zeros(n_part, bool)
+        if len(sel):
+            vecs[stored.ids.particle[sel]] = stored.index.reconstruct_batch(sel)
+            valid[stored.ids.particle[sel]] = True
+        vectors[m] = (vecs, valid)
+    return Gallery(
+        search_index(stored, use_gpu),
+        stored.kind,
+        codes,
+        classes,
+        stored.ids.particle,
+        stored.ids.particle_id[first],
+        vectors,
+        str(path),
+    )
+
+
+def open_gallery(path: str | Path, kind: str = "fused", use_gpu: bool | None = None) -> Gallery:
+    """An index folder (has meta.json) or a labelled embeddings folder/file."""
+    if (Path(path) / META_FILE).exists():
+        return gallery_from_index(path, use_gpu)
+    return gallery_from_embeddings(path, kind)
+
+
+@dataclass
+class Votes:
+    best: np.ndarray  # (Q,) class code, -1 = no neighbour
+    confidence: np.ndarray  # (Q,)
+    similarity: np.ndarray  # (Q,) nearest row's cosine, nan = none
+    score: np.ndarray  # (Q,) open-set score
+    neighbours: np.ndarray  # (Q, k) gallery particle codes, -1 padded, best first
+    neighbour_sims: np.ndarray  # (Q, k)
+
+
+def _drop_self(
+    sims: np.ndarray, rows: np.ndarray, particle: np.ndarray, own: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``k`` listed rows that are not the query particle's own."""
+    other = (rows >= 0) & (particle[np.maximum(rows, 0)] != own[:, None])
+    order = np.argsort(~other, axis=1, kind="stable")[:, :k]
+    keep = np.take_along_axis(other, order, axis=1)
+    return (
+        np.where(keep, np.take_along_axis(sims, order, axis=1), -np.inf),
+        np.where(keep, np.take_along_axis(rows, order, axis=1), -1),
+    )
+
+
+def vote_queries(
+    gallery: Gallery, queries: QueryVectors, k: int = 3, exclude: np.ndarray | None = None
+) -> Votes:
+    """The paper's vote for each query particle; ``exclude`` (gallery particle codes) leaves each
+    query's own rows out (leave-one-out)."""
+    per_particle = len(modalities(gallery.kind))
+    width = k + (per_particle if exclude is not None else 0)
+    all_s, all_r = [], []
+    for vecs, valid in queries.values():
+        s, r = search_rows(gallery.index, vecs, width)
+        if exclude is not None:
+            s, r = _drop_self(s, r, gallery.particle, exclude, k)
+        s, r = s[:, :k], r[:, :k]
+        s[~valid], r[~valid] = -np.inf, -1
+        all_s.append(s)
+        all_r.append(r)
+    sims, rows = np.concatenate(all_s, axis=1).astype(np.float64), np.concatenate(all_r, axis=1)
+    present = rows >= 0
+    labels = np.where(present, gallery.codes[np.maximum(rows, 0)], 0)
+    distances = np.where(present, np.maximum(1.0 - sims, 0.0), np.inf)  # inf: no weight
+    best, votes = vote(labels, distances, len(gallery.classes))
+    total = votes.sum(axis=1)
+    none = total == 0
+    best = np.where(none, -1, best)
+    agree = present & (labels == best[:, None])
+    n_present = np.maximum(present.sum(axis=1), 1)
+    score = np.where(agree, np.maximum(sims, 0.0), 0.0).sum(axis=1) / n_present
+    with np.errstate(invalid="ignore", divide="ignore"):
+        confidence = np.where(none, 0.0, votes[np.arange(len(best)), np.maximum(best, 0)] / total)
+    similarity = np.where(present.any(axis=1), np.where(present, sims, -np.inf).max(axis=1), np.nan)
+    particles = np.where(present, gallery.particle[np.maximum(rows, 0)], -1)
+    top_p, top_s = top_particles(sims, particles, k)
+    return Votes(best, confidence, similarity, score, top_p, top_s)
+
+
+def leave_one_out(gallery: Gallery, k: int, query_kind: str) -> tuple[Votes, np.ndarray]:
+    """Each gallery particle voted on by the others; returns the votes and the particles' class codes."""
+    queries = {m: gallery.vectors[m] for m in modalities(query_kind)}
+    has_query = np.logical_or.reduce([v for _, v in queries.values()])
+    if not has_query.any():
+        raise ValueError(
+            f"gallery {gallery.source} has no {query_kind} embeddings to calibrate with; "
+            "pass --threshold, or a gallery with those embeddings"
+        )
+    sel = np.flatnonzero(has_query)
+    queries = {m: (v[sel], ok[sel]) for m, (v, ok) in queries.items()}
+    particle_class = np.full(len(gallery.particle_id), -1, dtype=np.int64)
+    particle_class[gallery.particle] = gallery.codes
+    return vote_queries(gallery, queries, k, exclude=sel), particle_class[sel]
+
+
+def calibrate(gallery: Gallery, k: int, accept: float, query_kind: str) -> dict[str, Any]:
+    """The open-set threshold that accepts ``accept`` of the gallery under leave-one-out."""
+    if not 0 < accept <= 1:
+        raise ValueError(f"--accept {accept}: must be a fraction in (0, 1]")
+    loo, truth = leave_one_out(gallery, k, query_kind)
+    scores = np.sort(loo.score)
+    threshold = float(scores[int(np.floor((1 - accept) * len(scores)))])
+    counts = np.bincount(truth, minlength=len(gallery.classes))
+    return {
+        "threshold": threshold,
+        "accept_target": accept,
+        "gallery_accepted": float((loo.score >= threshold).mean()),
+        "gallery_loo_accuracy": float((loo.best == truth).mean()),
+        "gallery_particles": int(len(truth)),
+        "classes_with_one_particle": [c for c, n in zip(gallery.classes, counts) if n == 1],
+    }
+
+
+def prediction_frame(es: EmbeddingSet, v: Votes, gallery: Gallery, threshold: float) -> pd.DataFrame:
+    """One row per query particle (the columns of ``outputs.PREDICTION_SCHEMA``)."""
+    names = np.array([*gallery.classes, None], dtype=object)  # code -1 -> None
+    best = names[v.best]
+    accepted = (v.best >= 0) & (v.score >= threshold)
+    present = v.neighbours >= 0
+    nid = gallery.particle_id[np.maximum(v.neighbours, 0)]
+    particle_class = np.empty(len(gallery.particle_id), dtype=object)
+    particle_class[gallery.particle] = np.asarray(gallery.classes, dtype=object)[gallery.codes]
+    nlab = particle_class[np.maximum(v.neighbours, 0)]
+    return pd.DataFrame(
+        {
+            "particle_id": es.particle_id,
+            "domain": es.domain,
+            "label": es.label,
+            "prediction": np.where(accepted, best, UNKNOWN),
+            "best_class": best,
+            "confidence": v.confidence.astype(np.float32),
+            "similarity": v.similarity.astype(np.float32),
+            "score": v.score.astype(np.float32),
+            "neighbour_ids": [list(ids[ok]) for ids, ok in zip(nid, present)],
+            "neighbour_labels": [list(labs[ok]) for labs, ok in zip(nlab, present)],
+            "neighbour_scores": [
+                s[ok].astype(np.float32).tolist() for s, ok in zip(v.neighbour_sims, present)
+            ],
+        }
+    )
+
+
+def _sample_key(ids: pd.Series) -> np.ndarray:
+    """A stable pseudo-random key per particle id: the same sample whatever the shard order."""
+    return np.array([zlib.crc32(str(i).encode()) for i in ids], dtype=np.int64)
+
+
+def classify(
+    gallery: str | Path,
+    queries: str | Path,
+    out: str | Path,
+    k: int = 3,
+    kind: str = "fused",
+    query_kind: str | None = None,
+    threshold: float | None = None,
+    accept: float = 0.95,
+    volume_ml: float | None = None,
+    html: bool = False,
+    particles: str | Path | None = None,
+    gallery_particles: str | Path | None = None,
+    html_sample: int = 24,
+    use_gpu: bool | None = None,
+) -> dict[str, Any]:
+    """Classify every particle of ``queries`` (embeddings) against ``gallery`` into ``out``.
+
+    ``kind`` is the gallery's embedding kind when it is an embeddings folder (an index knows its
+    own); ``query_kind`` defaults to the gallery's. ``threshold`` None = calibrate by leave-one-out
+    to accept ``accept`` of the gallery. ``html`` needs the particles' Parquet of the queries
+    (``particles``) and of the gallery (``gallery_particles``) for their images.
+    """
+    if html and (particles is None or gallery_particles is None):
+        raise ValueError(
+            "--html needs --particles (the queries' particle Parquet) and --gallery-particles "
+            "(the gallery's) to show their images"
+        )
+    g = open_gallery(gallery, kind, use_gpu)
+    qk = query_kind or g.kind
+    modalities(qk)
+    cal = calibrate(g, k, accept, qk) if threshold is None else {"threshold": float(threshold)}
+    out = Path(out)
+    writer = PredictionWriter(out)
+    files = parquet_files(queries)
+    log = ProgressLog("classify", sum(pq.ParquetFile(f).metadata.num_rows for f in files))
+    sample = pd.DataFrame()
+    for f in files:
+        es = load_embeddings(f)
+        pred = prediction_frame(
+            es, vote_queries(g, query_vectors(es, qk, where=str(f)), k), g, cal["threshold"]
+        )
+        writer.write(pred)
+        if html:
+            pred = pred.assign(_key=_sample_key(pred["particle_id"]))
+            sample = pd.concat([sample, pred.nsmallest(html_sample, "_key")]).nsmallest(html_sample, "_key")
+        log.update(len(es))
+    counts = writer.close(volume_ml)
+    summary = {
+        "gallery": g.source,
+        "queries": str(queries),
+        "kind": g.kind,
+        "query_kind": qk,
+        "k": k,
+        "classes": g.classes,
+        "particles": writer.rows,
+        "unknown": int(writer.counts.get(UNKNOWN, 0)),
+        "calibration": cal,
+        "volume_ml": volume_ml,
+        "counts": counts.to_dict(orient="records"),
+        "seconds": round(log.elapsed, 2),
+    }
+    if html:
+        sample = sample.drop(columns="_key").sort_values("particle_id")
+        gallery_ids = {i for ids in sample["neighbour_ids"] for i in ids}
+        sheet = contact_sheet(
+            sample,
+            read_images(particles, sample["particle_id"]),
+            read_images(gallery_particles, gallery_ids),
+            out / "contact_sheet.html",
+            title=f"xmodal classify: {Path(queries).name} vs {Path(g.source).name}",
+        )
+        summary["html"] = str(sheet)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    print(
+        f"[xmodal] classified {writer.rows:,} particles against {len(g.classes)} classes "
+        f"({summary['unknown']:,} unknown at threshold {cal['threshold']:.3f}) in {log.elapsed:.1f}s -> {out}"
+    )
+    return summary

@@ -1,0 +1,93 @@
+"""An offline HTML contact sheet: a sample of classified particles, each beside its nearest gallery
+particles. Images are embedded as base64 data URIs, so the one file opens anywhere without the data."""
+
+from __future__ import annotations
+
+import base64
+import html
+from collections.abc import Iterable
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from xmodal.data.schema import parquet_files
+
+_MIME = {b"\x89PNG": "image/png", b"\xff\xd8\xff": "image/jpeg", b"GIF8": "image/gif", b"BM": "image/bmp"}
+
+_STYLE = """
+body { font-family: sans-serif; margin: 1em; background: #fafafa; }
+table { border-collapse: collapse; }
+td { border: 1px solid #ddd; padding: 4px; vertical-align: top; text-align: center; font-size: 12px; }
+td.query { background: #eef; }
+td.unknown { background: #fee; }
+img { width: 96px; height: 96px; object-fit: contain; background: #000; display: block; margin: auto; }
+.missing { width: 96px; height: 96px; line-height: 96px; background: #ccc; color: #555; }
+"""
+
+
+def image_uri(data: bytes) -> str:
+    """A data URI for encoded image bytes (PNG, JPEG, GIF, BMP by their magic numbers)."""
+    mime = next((m for magic, m in _MIME.items() if data.startswith(magic)), None)
+    if mime is None:
+        raise ValueError(f"unknown image format (first bytes {data[:4]!r}); expected PNG, JPEG, GIF or BMP")
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def read_images(particles: str | Path, wanted: Iterable[str]) -> dict[str, bytes]:
+    """Encoded images of the ``wanted`` particle ids from a particles Parquet folder, shard by shard."""
+    value_set = pa.array(sorted(set(wanted)), type=pa.string())
+    found: dict[str, bytes] = {}
+    for f in parquet_files(particles):
+        if len(found) == len(value_set):
+            break
+        mask = pc.is_in(pq.read_table(f, columns=["particle_id"]).column("particle_id"), value_set=value_set)
+        if not pc.any(mask).as_py():
+            continue
+        rows = pq.read_table(f, columns=["particle_id", "image"]).filter(mask)
+        for pid, img in zip(rows.column("particle_id").to_pylist(), rows.column("image").to_pylist()):
+            if img is not None:
+                found[pid] = img
+    return found
+
+
+def _cell(pid: str, images: dict[str, bytes], caption: str, cls: str = "") -> str:
+    img = images.get(pid)
+    body = (
+        f'<img src="{image_uri(img)}" alt="{html.escape(pid)}">'
+        if img
+        else '<div class="missing">no image</div>'
+    )
+    return f'<td class="{cls}">{body}<div>{html.escape(pid)}</div><div>{caption}</div></td>'
+
+
+def contact_sheet(
+    sample: pd.DataFrame,
+    query_images: dict[str, bytes],
+    gallery_images: dict[str, bytes],
+    out: str | Path,
+    title: str = "xmodal classification",
+) -> Path:
+    """Write the sheet: one table row per sampled prediction (columns of ``predictions.parquet``)."""
+    rows = []
+    for p in sample.itertuples(index=False):
+        unknown = p.prediction == "unknown"
+        caption = (
+            f"<b>{html.escape(str(p.prediction))}</b><br>best {html.escape(str(p.best_class))}"
+            f"<br>score {p.score:.3f} conf {p.confidence:.2f}"
+        )
+        cells = [_cell(p.particle_id, query_images, caption, "query unknown" if unknown else "query")]
+        for nid, nlab, nsim in zip(p.neighbour_ids, p.neighbour_labels, p.neighbour_scores):
+            cells.append(_cell(nid, gallery_images, f"{html.escape(str(nlab))}<br>cos {nsim:.3f}"))
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    doc = (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
+        f"<p>{len(sample)} particles (left) with their nearest gallery particles.</p>"
+        f"<table>{''.join(rows)}</table></body></html>"
+    )
+    path = Path(out)
+    path.write_text(doc, encoding="utf-8")
+    return path

@@ -92,6 +92,25 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from xmodal.tune.runner import run_sweep
+
+    result = run_sweep(
+        args.space,
+        args.trials,
+        concurrent=args.concurrent,
+        gpus_per_trial=args.gpus_per_trial,
+        name=args.name,
+        resume=args.resume,
+        storage_path=args.storage_path,
+        address=args.address,
+        base_config=args.config,
+        overrides=args.set,
+    )
+    print(result.summary())
+    return 0 if result.best is not None else 1
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from xmodal.models.summary import model_table
 
@@ -175,6 +194,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--k", type=int, default=3)
     sp.add_argument("--repeats", type=int, default=5)
     sp.add_argument("--seed", type=int, default=0)
+
+    sp = add("tune", cmd_tune, "search encoders, losses and temperatures (Ray Tune + Optuna, ASHA)")
+    config_args(sp)
+    sp.add_argument("--space", required=True, help="search space YAML (see tune_spaces/)")
+    sp.add_argument("--trials", type=int, help="trials in total (default: the space's trials:)")
+    sp.add_argument("--concurrent", type=int, default=1, help="trials running at once")
+    sp.add_argument("--gpus-per-trial", type=int, default=0, help="GPUs per trial (one per Ray Train worker)")
+    sp.add_argument("--name", help="sweep name (default: the space file's name)")
+    sp.add_argument("--resume", action="store_true", help="continue an interrupted sweep of this name")
+    sp.add_argument("--storage-path", default="sweeps", help="folder holding the sweep folders")
 
     sp = add("models", cmd_models, "list registered encoders with parameters and FLOPs")
     sp.add_argument("--image-size", type=int, default=64)

@@ -1,14 +1,18 @@
 """Embedding particles with a trained model: in-process for small sets (validation) and as a Ray
-Data actor pool for datasets (``xmodal embed``): the model is loaded once per actor."""
+Data actor pool for datasets and archives (``xmodal embed``): the model is loaded once per actor,
+and output streams shard by shard so that archives of millions of particles fit in memory."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
@@ -16,6 +20,7 @@ from xmodal.data.pipeline import COLUMNS
 from xmodal.data.schema import parquet_files
 from xmodal.data.transforms import to_model_batch
 from xmodal.eval.embeddings import EmbeddingSet
+from xmodal.eval.progress import ProgressLog
 
 MODEL_KEYS = ("image", "image_meta", "profile", "profile_mask", "profile_meta", "has_image", "has_profile")
 
@@ -95,6 +100,114 @@ class Embedder:
         return pa.table(out)
 
 
+class _ShardEmbedder(Embedder):
+    """``Embedder`` that keeps Ray Data's ``path`` column, so each row goes back to its input shard."""
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        return super().__call__(table).append_column("path", table.column("path"))
+
+
+MANIFEST = "embed.json"
+CHECKPOINT_KEY = b"xmodal.checkpoint"  # Parquet metadata: which model made a shard (read by `xmodal index`)
+SOURCE_KEY = b"xmodal.source"  # ... and from which input shard
+
+
+def output_schema(float16: bool, checkpoint: str, source: str) -> pa.Schema:
+    emb = pa.list_(pa.float16() if float16 else pa.float32())
+    return pa.schema(
+        [
+            ("particle_id", pa.string()),
+            ("label", pa.string()),
+            ("domain", pa.string()),
+            ("image_emb", emb),
+            ("profile_emb", emb),
+        ],
+        metadata={CHECKPOINT_KEY: checkpoint.encode(), SOURCE_KEY: source.encode()},
+    )
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _claim_output(out: Path, ckpt_file: Path, float16: bool, overwrite: bool) -> None:
+    """Record which model fills ``out``; refuse to mix another model's embeddings into it."""
+    manifest = {
+        "checkpoint": str(ckpt_file.resolve()),
+        "checkpoint_sha256": _sha256(ckpt_file),
+        "float16": float16,
+    }
+    path = out / MANIFEST
+    if overwrite:
+        for old in [*out.rglob("*.parquet"), *out.rglob("*.parquet.tmp"), path]:
+            old.unlink(missing_ok=True)
+    elif path.exists():
+        before = json.loads(path.read_text())
+        if (
+            before.get("checkpoint_sha256") != manifest["checkpoint_sha256"]
+            or before.get("float16") != float16
+        ):
+            raise FileExistsError(
+                f"{out} holds embeddings of {before.get('checkpoint')} (float16={before.get('float16')}); "
+                f"this run uses {manifest['checkpoint']} (float16={float16}). Use another --out, or --overwrite"
+            )
+    elif any(out.rglob("*.parquet")):
+        raise FileExistsError(
+            f"{out} holds Parquet files that `xmodal embed` did not write; use an empty --out"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.rglob("*.parquet.tmp"):  # a shard that an interrupted run had in flight
+        stale.unlink()
+    path.write_text(json.dumps(manifest, indent=1))
+
+
+class _ShardOutputs:
+    """One output file per input shard, written as ``<name>.tmp`` and renamed once all its rows are
+    in: a finished name is always a complete shard, so a rerun can skip it."""
+
+    def __init__(self, targets: dict[str, tuple[Path, int]], float16: bool, checkpoint: str):
+        self.targets, self.float16, self.checkpoint = targets, float16, checkpoint
+        self.open: dict[str, tuple[pq.ParquetWriter, Path]] = {}
+        self.written: dict[str, int] = {}
+
+    def write(self, source: str, table: pa.Table) -> None:
+        dest, expected = self.targets[source]
+        if source not in self.open:
+            tmp = dest.with_name(dest.name + ".tmp")
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            schema = output_schema(self.float16, self.checkpoint, source)
+            self.open[source] = (pq.ParquetWriter(tmp, schema, compression="zstd"), tmp)
+            self.written[source] = 0
+        writer, tmp = self.open[source]
+        if table.num_rows:
+            writer.write_table(table.cast(writer.schema))
+        self.written[source] += table.num_rows
+        if self.written[source] > expected:
+            raise RuntimeError(
+                f"{source}: {self.written[source]} rows embedded but the shard holds {expected}"
+            )
+        if self.written[source] == expected:
+            writer.close()
+            tmp.replace(dest)
+            del self.open[source]
+
+    def unfinished(self) -> list[str]:
+        return [s for s in self.targets if s in self.open or s not in self.written]
+
+
+def _split_by_source(table: pa.Table) -> list[tuple[str, pa.Table]]:
+    paths = table.column("path")
+    rest = table.drop_columns(["path"])
+    values = pc.unique(paths).to_pylist()
+    if len(values) == 1:
+        return [(values[0], rest)]
+    return [(v, rest.filter(pc.equal(paths, v))) for v in values]
+
+
 def embed(
     checkpoint: str | Path,
     data: str | Path,
@@ -104,38 +217,77 @@ def embed(
     actors: int | None = None,
     use_gpu: bool | None = None,
     address: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Embed every particle of ``data`` (Parquet folder) with ``checkpoint`` into ``out`` (Parquet)."""
+    """Embed every particle of ``data`` (Parquet file or folder) with ``checkpoint`` into ``out``.
+
+    Streams: input shard ``data/<rel>`` becomes ``out/<rel>``, written through Ray Data's actor
+    pool with bounded memory (one model per actor, GPU actors when the cluster has GPUs). A rerun
+    skips shards whose output exists (new shards of a growing archive are embedded, done ones
+    are not); an interrupted run loses only the shards in flight. ``overwrite`` starts afresh.
+    """
     import ray
 
     from xmodal.runtime import init_ray
-    from xmodal.train.checkpoint import load_checkpoint, resolve_checkpoint
+    from xmodal.train.checkpoint import CKPT_FILE, load_checkpoint, resolve_checkpoint
 
+    t0 = time.monotonic()
     ckpt_path = resolve_checkpoint(checkpoint)
+    ckpt_file = ckpt_path / CKPT_FILE if ckpt_path.is_dir() else ckpt_path
     state = load_checkpoint(ckpt_path)
-    files = [str(f) for f in parquet_files(data)]
-    init_ray(address)
-    gpus = ray.cluster_resources().get("GPU", 0)
-    use_gpu = gpus > 0 if use_gpu is None else use_gpu
-    n_actors = actors or (int(gpus) if use_gpu else max(1, int(ray.cluster_resources().get("CPU", 1)) // 2))
-    t0 = time.time()
-    ds = ray.data.read_parquet(files, columns=COLUMNS + ["label", "domain"])
-    ds = ds.map_batches(
-        Embedder,
-        fn_constructor_kwargs={"state_ref": ray.put(state), "float16": float16},
-        batch_size=batch_size,
-        batch_format="pyarrow",
-        concurrency=n_actors,
-        num_gpus=1 if use_gpu else 0,
-    )
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("*.parquet"):
-        old.unlink()
-    ds.write_parquet(str(out.resolve()))
-    n = sum(pq.ParquetFile(f).metadata.num_rows for f in out.glob("*.parquet"))
-    dt = time.time() - t0
+    root, out = Path(data), Path(out)
+    files = parquet_files(root)
+    _claim_output(out, ckpt_file, float16, overwrite)
+    targets: dict[str, tuple[Path, int]] = {}
+    for f in files:
+        dest = out / (f.relative_to(root) if root.is_dir() else f.name)
+        if not dest.exists():
+            targets[str(f.resolve())] = (dest, pq.ParquetFile(f).metadata.num_rows)
+    skipped = len(files) - len(targets)
+    total = sum(n for _, n in targets.values())
+    if skipped:
+        print(f"[xmodal] embed: {skipped} of {len(files)} shards already embedded in {out}; skipping them")
+    shards = _ShardOutputs(targets, float16, str(ckpt_file.resolve()))
+    for source, (_, n) in targets.items():
+        if n == 0:  # no rows will stream past for it: write its empty output now
+            shards.write(source, output_schema(float16, "", source).empty_table())
+    pending = [s for s, (_, n) in targets.items() if n > 0]
+    if pending:
+        init_ray(address)
+        gpus = ray.cluster_resources().get("GPU", 0)
+        use_gpu = gpus > 0 if use_gpu is None else use_gpu
+        n_actors = actors or (
+            int(gpus) if use_gpu else max(1, int(ray.cluster_resources().get("CPU", 1)) // 2)
+        )
+        ctx = ray.data.DataContext.get_current()
+        keep_order = ctx.execution_options.preserve_order
+        ctx.execution_options.preserve_order = True  # shards finish one after another: few open at once
+        try:
+            ds = ray.data.read_parquet(pending, include_paths=True)
+            ds = ds.select_columns([*COLUMNS, "label", "domain", "path"])
+            ds = ds.map_batches(
+                _ShardEmbedder,
+                fn_constructor_kwargs={"state_ref": ray.put(state), "float16": float16},
+                batch_size=batch_size,
+                batch_format="pyarrow",
+                concurrency=n_actors,
+                num_gpus=1 if use_gpu else 0,
+            )
+            log = ProgressLog("embed", total)
+            for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                for source, part in _split_by_source(block):
+                    shards.write(source, part)
+                log.update(block.num_rows)
+        finally:
+            ctx.execution_options.preserve_order = keep_order
+    left = shards.unfinished()
+    if left:
+        raise RuntimeError(
+            f"embedding ended with {len(left)} shard(s) incomplete (e.g. {left[0]}); rerun to finish"
+        )
+    dt = time.monotonic() - t0
     print(
-        f"[xmodal] embedded {n} particles from {ckpt_path} in {dt:.1f}s ({n / max(dt, 1e-9):.0f}/s) -> {out}"
+        f"[xmodal] embedded {total:,} particles in {len(targets)} shards from {ckpt_path} in {dt:.1f}s "
+        f"({total / max(dt, 1e-9):,.0f}/s; {skipped} shards skipped) -> {out}"
     )
     return out

@@ -41,7 +41,9 @@ from xmodal.index.vectors import kind_rows, modalities
 
 APPROX = ("ivf-flat", "ivf-pq", "hnsw")
 RECALL_K = 10
-CHECKPOINT_KEY = b"xmodal.checkpoint"  # Parquet metadata written by `xmodal embed`
+# Parquet metadata that `xmodal embed` writes (xmodal.eval.embed.CHECKPOINT_KEY; not imported from
+# there because that module loads torch, which building an index does not need; a test checks both agree)
+CHECKPOINT_KEY = b"xmodal.checkpoint"
 
 
 @dataclass

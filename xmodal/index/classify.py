@@ -18,6 +18,7 @@ and the threshold is the largest that still accepts ``accept`` of them.
 
 from __future__ import annotations
 
+import functools
 import json
 import zlib
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from typing import Any
 
 import faiss
 import numpy as np
-import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from xmodal.data.schema import parquet_files
@@ -34,7 +35,7 @@ from xmodal.eval.embeddings import EmbeddingSet, load_embeddings
 from xmodal.eval.knn import vote
 from xmodal.eval.progress import ProgressLog
 from xmodal.index.html import contact_sheet, read_images
-from xmodal.index.outputs import UNKNOWN, PredictionWriter
+from xmodal.index.outputs import PREDICTION_SCHEMA, UNKNOWN, PredictionWriter
 from xmodal.index.search import QueryVectors, search_index, search_rows, top_particles
 from xmodal.index.store import META_FILE, load_index
 from xmodal.index.vectors import kind_rows, modalities, query_vectors
@@ -50,10 +51,16 @@ class Gallery:
     classes: list[str]  # code -> class name (sorted)
     particle: np.ndarray  # (rows,) particle code per row (0..P-1)
     particle_id: np.ndarray  # (P,) ids
-    vectors: dict[
-        str, tuple[np.ndarray, np.ndarray]
-    ]  # modality -> (P, D) vectors, valid (P,) (leave-one-out)
+    # modality -> (P, D) vectors and valid (P,): each gallery particle as a query (leave-one-out)
+    vectors: dict[str, tuple[np.ndarray, np.ndarray]]
     source: str
+
+    @functools.cached_property
+    def particle_label(self) -> np.ndarray:
+        """(P,) class name of each gallery particle."""
+        out = np.empty(len(self.particle_id), dtype=object)
+        out[self.particle] = np.asarray(self.classes, dtype=object)[self.codes]
+        return out
 
 
 def _encode(labels: np.ndarray) -> tuple[np.ndarray, list[str]]:
@@ -146,18 +153,21 @@ def vote_queries(
     gallery: Gallery, queries: QueryVectors, k: int = 3, exclude: np.ndarray | None = None
 ) -> Votes:
     """The paper's vote for each query particle; ``exclude`` (gallery particle codes) leaves each
-    query's own rows out (leave-one-out)."""
+    query's own rows out (leave-one-out). Each query vector votes with its ``k`` nearest rows; the
+    neighbours listed are the ``k`` nearest distinct particles, from ``rows per particle x k`` rows
+    (enough to hold k distinct ones when a fused gallery lists a particle twice)."""
     per_particle = len(modalities(gallery.kind))
-    width = k + (per_particle if exclude is not None else 0)
-    all_s, all_r = [], []
+    wide = per_particle * k
+    all_s, all_r, list_s, list_p = [], [], [], []
     for vecs, valid in queries.values():
-        s, r = search_rows(gallery.index, vecs, width)
+        s, r = search_rows(gallery.index, vecs, wide + (per_particle if exclude is not None else 0))
         if exclude is not None:
-            s, r = _drop_self(s, r, gallery.particle, exclude, k)
-        s, r = s[:, :k], r[:, :k]
+            s, r = _drop_self(s, r, gallery.particle, exclude, wide)
         s[~valid], r[~valid] = -np.inf, -1
-        all_s.append(s)
-        all_r.append(r)
+        all_s.append(s[:, :k])
+        all_r.append(r[:, :k])
+        list_s.append(s)
+        list_p.append(np.where(r >= 0, gallery.particle[np.maximum(r, 0)], -1))
     sims, rows = np.concatenate(all_s, axis=1).astype(np.float64), np.concatenate(all_r, axis=1)
     present = rows >= 0
     labels = np.where(present, gallery.codes[np.maximum(rows, 0)], 0)
@@ -172,8 +182,7 @@ def vote_queries(
     with np.errstate(invalid="ignore", divide="ignore"):
         confidence = np.where(none, 0.0, votes[np.arange(len(best)), np.maximum(best, 0)] / total)
     similarity = np.where(present.any(axis=1), np.where(present, sims, -np.inf).max(axis=1), np.nan)
-    particles = np.where(present, gallery.particle[np.maximum(rows, 0)], -1)
-    top_p, top_s = top_particles(sims, particles, k)
+    top_p, top_s = top_particles(np.concatenate(list_s, axis=1), np.concatenate(list_p, axis=1), k)
     return Votes(best, confidence, similarity, score, top_p, top_s)
 
 
@@ -211,38 +220,43 @@ def calibrate(gallery: Gallery, k: int, accept: float, query_kind: str) -> dict[
     }
 
 
-def prediction_frame(es: EmbeddingSet, v: Votes, gallery: Gallery, threshold: float) -> pd.DataFrame:
-    """One row per query particle (the columns of ``outputs.PREDICTION_SCHEMA``)."""
+def _lists(values: np.ndarray, present: np.ndarray, type_: pa.DataType) -> pa.Array:
+    """(Q, k) values -> Q lists of the ``present`` ones, in order."""
+    offsets = np.zeros(len(present) + 1, dtype=np.int32)
+    offsets[1:] = np.cumsum(present.sum(axis=1))
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values[present].tolist(), type=type_))
+
+
+def prediction_table(es: EmbeddingSet, v: Votes, gallery: Gallery, threshold: float) -> pa.Table:
+    """One row per query particle (``outputs.PREDICTION_SCHEMA``)."""
     names = np.array([*gallery.classes, None], dtype=object)  # code -1 -> None
     best = names[v.best]
     accepted = (v.best >= 0) & (v.score >= threshold)
     present = v.neighbours >= 0
-    nid = gallery.particle_id[np.maximum(v.neighbours, 0)]
-    particle_class = np.empty(len(gallery.particle_id), dtype=object)
-    particle_class[gallery.particle] = np.asarray(gallery.classes, dtype=object)[gallery.codes]
-    nlab = particle_class[np.maximum(v.neighbours, 0)]
-    return pd.DataFrame(
-        {
-            "particle_id": es.particle_id,
-            "domain": es.domain,
-            "label": es.label,
-            "prediction": np.where(accepted, best, UNKNOWN),
-            "best_class": best,
-            "confidence": v.confidence.astype(np.float32),
-            "similarity": v.similarity.astype(np.float32),
-            "score": v.score.astype(np.float32),
-            "neighbour_ids": [list(ids[ok]) for ids, ok in zip(nid, present)],
-            "neighbour_labels": [list(labs[ok]) for labs, ok in zip(nlab, present)],
-            "neighbour_scores": [
-                s[ok].astype(np.float32).tolist() for s, ok in zip(v.neighbour_sims, present)
-            ],
-        }
+    nearest = np.maximum(v.neighbours, 0)
+    columns = {
+        "particle_id": es.particle_id.tolist(),
+        "domain": es.domain.tolist(),
+        "label": es.label.tolist(),
+        "prediction": np.where(accepted, best, UNKNOWN).tolist(),
+        "best_class": best.tolist(),
+        "confidence": v.confidence,
+        "similarity": v.similarity,
+        "score": v.score,
+    }
+    table = pa.table(
+        {f.name: pa.array(columns[f.name], type=f.type) for f in PREDICTION_SCHEMA if f.name in columns}
+    )
+    return (
+        table.append_column("neighbour_ids", _lists(gallery.particle_id[nearest], present, pa.string()))
+        .append_column("neighbour_labels", _lists(gallery.particle_label[nearest], present, pa.string()))
+        .append_column("neighbour_scores", _lists(v.neighbour_sims.astype(np.float32), present, pa.float32()))
     )
 
 
-def _sample_key(ids: pd.Series) -> np.ndarray:
+def _sample_key(ids: list[str]) -> np.ndarray:
     """A stable pseudo-random key per particle id: the same sample whatever the shard order."""
-    return np.array([zlib.crc32(str(i).encode()) for i in ids], dtype=np.int64)
+    return np.array([zlib.crc32(i.encode()) for i in ids], dtype=np.int64)
 
 
 def classify(
@@ -281,16 +295,17 @@ def classify(
     writer = PredictionWriter(out)
     files = parquet_files(queries)
     log = ProgressLog("classify", sum(pq.ParquetFile(f).metadata.num_rows for f in files))
-    sample = pd.DataFrame()
+    sample: pa.Table | None = None
     for f in files:
         es = load_embeddings(f)
-        pred = prediction_frame(
+        pred = prediction_table(
             es, vote_queries(g, query_vectors(es, qk, where=str(f)), k), g, cal["threshold"]
         )
         writer.write(pred)
-        if html:
-            pred = pred.assign(_key=_sample_key(pred["particle_id"]))
-            sample = pd.concat([sample, pred.nsmallest(html_sample, "_key")]).nsmallest(html_sample, "_key")
+        if html:  # keep the html_sample smallest keys seen so far
+            pool = pred if sample is None else pa.concat_tables([sample, pred])
+            keys = _sample_key(pool.column("particle_id").to_pylist())
+            sample = pool.take(np.argsort(keys, kind="stable")[:html_sample])
         log.update(len(es))
     counts = writer.close(volume_ml)
     summary = {
@@ -308,7 +323,7 @@ def classify(
         "seconds": round(log.elapsed, 2),
     }
     if html:
-        sample = sample.drop(columns="_key").sort_values("particle_id")
+        sample = sample.to_pandas().sort_values("particle_id")
         gallery_ids = {i for ids in sample["neighbour_ids"] for i in ids}
         sheet = contact_sheet(
             sample,

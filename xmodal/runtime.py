@@ -19,8 +19,16 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Ray Data prints a live progress table meant for terminals; plain lines read better in logs.
     ctx_kwargs: dict[str, Any] = {"log_to_driver": True, **kwargs}
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address or os.environ["RAY_ADDRESS"], **ctx_kwargs)
+    target = address or os.environ.get("RAY_ADDRESS")
+    if target:
+        if "://" not in target and target != "auto":
+            # A GCS address (what `ray job submit` gives its driver): hand it to every worker too.
+            # Ray's own helpers inside workers (Ray Train's placement-group cleaner, the State API)
+            # otherwise auto-detect the cluster and give up where several Ray instances share a host.
+            env = dict(ctx_kwargs.get("runtime_env") or {})
+            env["env_vars"] = {"RAY_ADDRESS": target, **env.get("env_vars", {})}
+            ctx_kwargs["runtime_env"] = env
+        ray.init(address=target, **ctx_kwargs)
     else:
         ray.init(num_cpus=num_cpus or os.cpu_count(), **ctx_kwargs)
     import ray.data

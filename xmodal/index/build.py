@@ -156,7 +156,8 @@ def _plan(rows: int, dim: int, o: BuildOptions) -> tuple[str, str, dict[str, Any
         raise ValueError(f"unknown approximate index {o.approx!r}; choose one of {', '.join(APPROX)}")
     if o.approx == "hnsw":
         return "hnsw", f"HNSW{o.hnsw_m},Flat", {"hnsw_m": o.hnsw_m, "ef_construction": o.ef_construction}
-    nlist = o.nlist or max(1, int(round(4 * math.sqrt(rows))))
+    # 4 sqrt(rows) lists, but no more than k-means can fit with FAISS's minimum of 39 points each
+    nlist = o.nlist or max(1, min(int(round(4 * math.sqrt(rows))), rows // 39))
     params: dict[str, Any] = {"nlist": nlist}
     if o.approx == "ivf-flat":
         return "ivf-flat", f"IVF{nlist},Flat", params

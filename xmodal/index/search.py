@@ -10,7 +10,7 @@ top-k particle's best row belong to at most k other particles, each with at most
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import faiss
@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from xmodal.data.schema import parquet_files
 from xmodal.eval.embeddings import load_embeddings
@@ -168,3 +169,26 @@ def search_embeddings(
         queries = query_vectors(es, query_kind or stored.kind, where=str(f))
         rows, scores = neighbours(index, stored.ids, stored.kind, queries, k)
         yield result_frame(es.particle_id, stored.ids, rows, scores)
+
+
+def write_results(frames: Iterable[pd.DataFrame], out: str | Path | None, show: int = 20) -> int:
+    """Stream result frames into ``out`` (``.csv`` or ``.parquet``), or print the first ``show``
+    lines when there is no ``out``; returns the number of result lines."""
+    path = Path(out) if out else None
+    if path is not None and path.suffix not in (".csv", ".parquet"):
+        raise ValueError(f"--out {path}: name a .csv or .parquet file")
+    rows, writer = 0, None
+    for frame in frames:
+        if path is None:
+            if rows < show:
+                print(frame.head(show - rows).to_string(index=False, header=rows == 0))
+        elif path.suffix == ".csv":
+            frame.to_csv(path, mode="a" if rows else "w", header=rows == 0, index=False)
+        else:
+            table = pa.Table.from_pandas(frame, preserve_index=False)
+            writer = writer or pq.ParquetWriter(path, table.schema, compression="zstd")
+            writer.write_table(table.cast(writer.schema))
+        rows += len(frame)
+    if writer is not None:
+        writer.close()
+    return rows

@@ -127,3 +127,21 @@ def load_index(path: str | Path) -> StoredIndex:
     if ivf is not None:
         ivf.make_direct_map()
     return StoredIndex(index=index, ids=ids, meta=meta, path=d)
+
+
+def describe(path: str | Path) -> str:
+    """A few lines about an index folder (``xmodal index info``), from its meta.json."""
+    d = Path(path)
+    meta = read_meta(d)
+    size = sum(f.stat().st_size for f in d.iterdir() if f.name in (INDEX_FILE, IDS_FILE, META_FILE))
+    lines = [
+        f"index      {d}  ({size / 2**20:.1f} MiB)",
+        f"type       {meta['index_type']}  ({meta['factory']})  params {json.dumps(meta['params'])}",
+        f"rows       {meta['count']:,} {meta['kind']} rows of {meta['particles']:,} particles, dim {meta['dim']}",
+        f"recall@10  {meta['recall_at_10']:.4f}"
+        + (" (exact)" if meta["index_type"] == "flat" else f" on {meta['recall_holdout']} held-out rows"),
+        f"built from {meta['embeddings']}",
+        f"checkpoint {meta['checkpoint'] or '(not recorded)'}",
+        f"build      {json.dumps(meta['build_seconds'])} s, faiss {meta['faiss_version']}, {meta['gpus']} GPU(s)",
+    ]
+    return "\n".join(lines)

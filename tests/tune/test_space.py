@@ -160,6 +160,10 @@ def test_malformed_spaces_name_the_key_at_parse_time(tmp_path, changes, needles)
             ["profile encoder 'lstm' takes no argument 'depth'", "hidden"],
         ),
         (
+            {"fixed/model.profile_kwargs.hidden": 64},
+            ["model.profile_kwargs.hidden (fixed", "'cnn' takes no argument 'hidden'"],
+        ),
+        (
             {"params/optim.grad_accum": {"uniform": [1, 4]}},
             ["params.optim.grad_accum", "1.0", "expected int"],
         ),

@@ -155,14 +155,18 @@ class Space:
         for key in NAMED_KEYS:
             for name in self._possible(key, base):
                 _check_name(key, name, self.path)
+        # profile encoder arguments: those set for every trial (fixed: or the base file) must suit
+        # every encoder the sweep may pick; a searched one those its `when:` allows
+        every = self._possible("model.profile_encoder", base)
+        for arg in base["model"]["profile_kwargs"]:
+            for enc in every:
+                _check_profile_kwarg(
+                    enc, arg, f"{self.path}: model.profile_kwargs.{arg} (fixed: or base config)"
+                )
         for p in self.params:
             if p.key.startswith("model.profile_kwargs."):
-                arg = p.key.split(".", 2)[2]
-                encoders = p.when.get("model.profile_encoder") or self._possible(
-                    "model.profile_encoder", base
-                )
-                for enc in encoders:
-                    _check_profile_kwarg(enc, arg, f"{self.path}: params.{p.key}")
+                for enc in p.when.get("model.profile_encoder") or every:
+                    _check_profile_kwarg(enc, p.key.split(".", 2)[2], f"{self.path}: params.{p.key}")
 
     def _possible(self, key: str, base: dict[str, Any]) -> tuple[Any, ...]:
         for p in self.params:

@@ -167,20 +167,28 @@ def connect(address: str | None) -> None:
     init_ray(None, dashboard_port=port)
 
 
-def _progress_callback(total: int, done_before: int):
+def _progress_callback(space: Space, total: int, done_before: int):
     from ray.tune import Callback
 
     class Progress(Callback):
-        """A line per finished trial with the best so far, the rate and an ETA."""
+        """A line per started trial with its parameters, and per finished trial with the best so
+        far, the rate and an ETA (Tune's own status tables are switched off: verbose=0)."""
 
         def __init__(self) -> None:
             self.t0, self.done, self.best = time.time(), done_before, (float("-inf"), "")
+
+        def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            params = ", ".join(
+                f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                for k, v in space.decode(trial.config).items()
+            )
+            print(f"[xmodal] {trial.config[RUN_KEY]} started: {params}", flush=True)
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             self._line(trial, "done")
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            self._line(trial, "FAILED")
+            self._line(trial, f"FAILED (see {trial.error_file})")
 
         def _line(self, trial: Any, what: str) -> None:
             self.done += 1
@@ -343,7 +351,8 @@ def _tune(
             name=f"attempt-{plan.attempt}",
             storage_path=str(sweep_dir / "tune"),
             failure_config=tune.FailureConfig(max_failures=0),
-            callbacks=[_progress_callback(plan.total, plan.done)],
+            callbacks=[_progress_callback(space, plan.total, plan.done)],
+            verbose=0,
         ),
     )
     tuner.fit()

@@ -160,6 +160,9 @@ class LocalHead:
             except ProcessLookupError:
                 pass
         self.proc.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while any(Path(f"/proc/{p}").exists() for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)  # killed processes release their files before the folder goes
         if os.environ.get("XMODAL_KEEP_RAY_LOGS"):  # debugging a failed run: keep session logs
             print(f"[head] logs kept in {self.temp_dir}")
         else:

@@ -267,6 +267,10 @@ def build_index(
         clustering = gpu_clustering_index(scan.dim, n_gpus)
         if clustering is not None:
             ivf.clustering_index = clustering
+        where = (
+            f"{n_gpus} GPU(s)" if clustering is not None else f"{faiss.omp_get_max_threads()} CPU thread(s)"
+        )
+        print(f"[xmodal] index: training {spec} on {train_n:,} sampled rows ({where})", flush=True)
         index.train(train)
         ivf.clustering_index = None  # a GPU object must not be written with the index
         params.update(train_size=int(train_n), train_seed=o.seed)

@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 from xmodal.data.schema import parquet_files
 from xmodal.eval.embeddings import load_embeddings
 from xmodal.eval.progress import ProgressLog
-from xmodal.index.device import gpu_clustering_index, gpu_count, set_search_param, to_search_device
+from xmodal.index.device import GPU_MAX_K, gpu_clustering_index, gpu_count, set_search_param, to_search_device
 from xmodal.index.store import ID_SCHEMA, save_index
 from xmodal.index.vectors import kind_rows, modalities
 
@@ -198,10 +198,10 @@ def recall_at_k(found: np.ndarray, exact: np.ndarray, self_rows: np.ndarray, k: 
     return hits / max(len(found), 1)
 
 
-def _ladder(index_type: str, params: dict[str, Any]) -> tuple[str, list[int]]:
+def _ladder(index_type: str, params: dict[str, Any], n_gpus: int) -> tuple[str, list[int]]:
     if index_type == "hnsw":
         return "efSearch", [16, 32, 64, 128, 256, 512, 1024, 2048]
-    top = params["nlist"]
+    top = min(params["nlist"], GPU_MAX_K) if n_gpus else params["nlist"]  # GPU IVF probes at most 2048 lists
     values = [2**i for i in range(int(math.log2(top)) + 1)]
     return "nprobe", values if values[-1] == top else [*values, top]
 
@@ -214,9 +214,10 @@ def _tune(
     self_rows: np.ndarray,
     exact: np.ndarray,
     target: float,
+    n_gpus: int,
 ) -> tuple[str, int, float, list[dict]]:
     """The first ladder value reaching ``target`` recall@10 (else the last tried)."""
-    name, values = _ladder(index_type, params)
+    name, values = _ladder(index_type, params, n_gpus)
     curve: list[dict[str, Any]] = []
     for v in values:
         set_search_param(search_index, name, v)
@@ -300,7 +301,14 @@ def build_index(
         t3 = time.perf_counter()
         search_index = to_search_device(index, n_gpus)
         name, value, recall, curve = _tune(
-            search_index, index_type, params, queries, scan.sample_rows[hold], exact.ids, o.target_recall
+            search_index,
+            index_type,
+            params,
+            queries,
+            scan.sample_rows[hold],
+            exact.ids,
+            o.target_recall,
+            n_gpus,
         )
         set_search_param(index, name, value)  # stored with the CPU index
         search_param = {name: value}

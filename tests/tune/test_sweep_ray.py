@@ -35,17 +35,19 @@ NO_AUGMENT = {
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
 
 
-def cli(args: list[str]) -> subprocess.Popen:
-    # the subprocess joins the session cluster through RAY_ADDRESS (tests/conftest.py)
+def cli(args: list[str], log: Path) -> subprocess.Popen:
+    """``xmodal`` in a subprocess that joins the session cluster through RAY_ADDRESS (tests/conftest.py),
+    its output in ``log`` (a pipe nobody reads would block the driver once full)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "xmodal", *args],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    with open(log, "w") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "xmodal", *args],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
 
 
 def trials_by_state(sweep: Path) -> dict[str, list[int]]:
@@ -75,14 +77,16 @@ def test_sweep_interrupted_resumed_reported_and_best_reproduced(
     sweep = sweeps / "tiny"
     args = ["tune", "--space", str(space_file), "--trials", "4", "--storage-path", str(sweeps)]
 
-    first = cli(args)
+    first = cli(args, tmp_path / "first.log")
     t0 = time.time()
-    while True:  # interrupt once 2 trials have finished and the next one has started
+    while True:  # interrupt once 2 trials have finished and the next one is training
         states = trials_by_state(sweep)
-        if len(states.get("COMPLETE", [])) >= 2 and states.get("RUNNING"):
+        if len(states.get("COMPLETE", [])) >= 2 and any(
+            (sweep / "runs" / f"trial-{n:04d}").is_dir() for n in states.get("RUNNING", [])
+        ):
             break
-        assert first.poll() is None, f"the sweep ended early:\n{first.stdout.read()[-5000:]}"
-        assert time.time() - t0 < 600, "2 trials did not finish in time"
+        assert first.poll() is None, f"the sweep ended early:\n{(tmp_path / 'first.log').read_text()[-5000:]}"
+        assert time.time() - t0 < 1800, "2 trials did not finish within 30 min (hang guard)"
         time.sleep(0.5)
     first.send_signal(signal.SIGKILL)  # the driver dies without any chance to clean up
     first.wait()
@@ -91,8 +95,9 @@ def test_sweep_interrupted_resumed_reported_and_best_reproduced(
     interrupted = {t.number: t for t in before.get_trials(states=(optuna.trial.TrialState.RUNNING,))}
     assert len(done_before) == 2 and len(interrupted) == 1
 
-    resumed = cli([*args, "--resume"])
-    out, _ = resumed.communicate(timeout=900)
+    resumed = cli([*args, "--resume"], tmp_path / "resumed.log")
+    resumed.wait(timeout=1800)
+    out = (tmp_path / "resumed.log").read_text()
     assert resumed.returncode == 0, out[-5000:]
     print("\n".join(line for line in out.splitlines() if line.startswith("[xmodal] trial")))
     assert "was interrupted; queued again" in out and "best trial:" in out

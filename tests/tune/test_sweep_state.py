@@ -47,6 +47,18 @@ def test_interrupted_trials_are_failed_and_queued_again_under_their_run(tmp_path
     assert finished_count(study, state) == 4
 
 
+def test_a_trial_killed_before_it_was_named_keeps_its_run_name(tmp_path, space, tune_helpers):
+    study = tune_helpers.scored_study(space, storage_url(tmp_path), "s", n=1)
+    study.ask()  # the driver died between Optuna's ask and the define-by-run call
+    state = {"interrupted": []}
+    reconcile(study, state)
+    again = study.ask()
+    assert DefineByRun(space)(again) == {"xmodal_run": "trial-0001"}
+    reconcile(study, state)  # killed again before this one finished: still the same run
+    third = study.ask()
+    assert DefineByRun(space)(third) == {"xmodal_run": "trial-0001"} and state["interrupted"] == [1, 2]
+
+
 def test_sweep_folder_is_reused_only_to_resume_the_same_sweep(tmp_path, space, tune_helpers):
     base = space.base_dict()
     sweep = tmp_path / "sweeps" / "s"

@@ -30,6 +30,11 @@ def storage_url(sweep_dir: Path) -> str:
     return f"sqlite:///{sweep_dir / STUDY_FILE}"
 
 
+def run_name(trial: Any) -> str:
+    """The run folder (under ``runs/``) of an Optuna trial: its own, or the interrupted run it continues."""
+    return trial.user_attrs.get("run") or trial.user_attrs.get("resumes") or f"trial-{trial.number:04d}"
+
+
 @dataclass
 class TrialRow:
     number: int
@@ -115,7 +120,7 @@ def best_checkpoint(run_dir: Path) -> tuple[Path | None, float | None]:
 def collect_trials(study: Any, space: Space, runs_dir: Path) -> list[TrialRow]:
     rows = []
     for t in study.get_trials(deepcopy=False):
-        run = t.user_attrs.get("run", f"trial-{t.number:04d}")
+        run = run_name(t)
         ckpt, ckpt_score = best_checkpoint(runs_dir / run)
         score = t.value if t.value is not None and math.isfinite(t.value) else None
         rows.append(

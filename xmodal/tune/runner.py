@@ -26,7 +26,7 @@ from typing import Any
 
 from xmodal.config import ConfigError
 from xmodal.train.metrics import format_duration
-from xmodal.tune.report import RUNS, STUDY_FILE, SweepResult, storage_url, write_report
+from xmodal.tune.report import RUNS, STUDY_FILE, SweepResult, run_name, storage_url, write_report
 from xmodal.tune.space import Space, load_space
 
 METRIC = "val_score"
@@ -58,9 +58,9 @@ class DefineByRun:
         self.space = space
 
     def __call__(self, trial: Any) -> dict[str, Any]:
+        run = run_name(trial)
+        trial.set_user_attr("run", run)  # first: a driver killed while sampling still leaves it
         self.space.suggest(trial)
-        run = trial.user_attrs.get("resumes") or f"trial-{trial.number:04d}"
-        trial.set_user_attr("run", run)
         return {RUN_KEY: run}
 
 
@@ -127,9 +127,7 @@ def reconcile(study: Any, state: dict[str, Any]) -> None:
 
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         study.tell(t.number, state=TrialState.FAIL)
-        study.enqueue_trial(
-            t.params, user_attrs={"resumes": t.user_attrs.get("run", f"trial-{t.number:04d}")}
-        )
+        study.enqueue_trial(t.params, user_attrs={"resumes": run_name(t)})
         state["interrupted"].append(t.number)
         print(f"[xmodal] trial {t.number} was interrupted; queued again to continue its run", flush=True)
 

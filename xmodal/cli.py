@@ -88,6 +88,9 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         seed=args.seed,
         query_embeddings=args.queries,
+        gallery_domain=args.gallery_domain,
+        query_domain=args.query_domain,
+        folds=args.folds,
     )
     return 0
 
@@ -109,6 +112,69 @@ def cmd_tune(args: argparse.Namespace) -> int:
     )
     print(result.summary())
     return 0 if result.best is not None else 1
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    if args.action == "info":
+        from xmodal.index.store import describe
+
+        print(describe(args.index))
+        return 0
+    use_gpu = False if args.no_gpu else None
+    if args.action == "build":
+        from xmodal.index.build import BuildOptions, build_index
+
+        options = BuildOptions(
+            kind=args.kind,
+            exact_max=args.exact_max,
+            approx=args.approx,
+            nlist=args.nlist,
+            pq_m=args.pq_m,
+            hnsw_m=args.hnsw_m,
+            holdout=args.holdout,
+            target_recall=args.target_recall,
+            seed=args.seed,
+            use_gpu=use_gpu,
+        )
+        build_index(args.embeddings, args.out, options)
+        return 0
+    from xmodal.config import ConfigError
+    from xmodal.index.search import search_embeddings, search_ids, write_results
+
+    if bool(args.ids) == bool(args.embeddings):
+        raise ConfigError(
+            "xmodal index search: give either --ids (stored particles) or --embeddings (new ones)"
+        )
+    frames = (
+        [search_ids(args.index, args.ids, args.k, use_gpu)]
+        if args.ids
+        else search_embeddings(args.index, args.embeddings, args.k, args.query_kind, use_gpu)
+    )
+    lines = write_results(frames, args.out)
+    if args.out:
+        print(f"[xmodal] {lines:,} neighbour lines -> {args.out}")
+    return 0
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from xmodal.index.classify import classify
+
+    classify(
+        args.gallery,
+        args.queries,
+        args.out,
+        k=args.k,
+        kind=args.kind,
+        query_kind=args.query_kind,
+        threshold=args.threshold,
+        accept=args.accept,
+        volume_ml=args.volume_ml,
+        html=args.html,
+        particles=args.particles,
+        gallery_particles=args.gallery_particles,
+        use_gpu=False if args.no_gpu else None,
+    )
+    return 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -187,11 +253,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--embeddings", nargs="+", required=True, help="embedding folder(s); NAME=PATH to label them"
     )
-    sp.add_argument("--queries", help="query embeddings (split / cross-domain mode); default: single mode")
+    sp.add_argument(
+        "--queries",
+        nargs="+",
+        help="query embeddings, one per model in --embeddings order or NAME=PATH (split / "
+        "cross-domain mode, e.g. gallery LAB, queries SEA); default: single mode",
+    )
+    sp.add_argument("--gallery-domain", help="use only gallery particles of this domain")
+    sp.add_argument("--query-domain", help="use only query particles of this domain")
+    sp.add_argument("--folds", type=int, help="stratified k-fold split mode (the paper uses 5 on LAB)")
     sp.add_argument("--out", required=True)
     sp.add_argument("--combos", nargs="+", default=None, help="e.g. I-I P-P I+P-I+P (default: all 9)")
     sp.add_argument("--n", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-    sp.add_argument("--k", type=int, default=3)
+    sp.add_argument("--k", type=int, nargs="+", default=[3])
     sp.add_argument("--repeats", type=int, default=5)
     sp.add_argument("--seed", type=int, default=0)
 
@@ -204,6 +278,55 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--name", help="sweep name (default: the space file's name)")
     sp.add_argument("--resume", action="store_true", help="continue an interrupted sweep of this name")
     sp.add_argument("--storage-path", default="sweeps", help="folder holding the sweep folders")
+
+    kinds = ["fused", "image", "profile"]
+    ip = add("index", cmd_index, "FAISS index over embeddings: build, search, info")
+    isub = ip.add_subparsers(dest="action", required=True)
+    sp = isub.add_parser("build", help="build an exact or approximate (IVF/HNSW) index; records recall@10")
+    sp.add_argument("--embeddings", required=True, help="embeddings folder (from `xmodal embed`)")
+    sp.add_argument("--out", required=True, help="index folder to write")
+    sp.add_argument("--kind", choices=kinds, default="fused", help="fused = both embeddings of each particle")
+    sp.add_argument("--exact-max", type=int, default=200_000, help="rows up to which the index is exact")
+    sp.add_argument("--approx", choices=["ivf-flat", "ivf-pq", "hnsw"], default="ivf-flat")
+    sp.add_argument("--nlist", type=int, default=0, help="IVF lists (0: 4 sqrt(rows))")
+    sp.add_argument("--pq-m", type=int, default=0, help="IVF-PQ bytes per vector (0: dim / 2)")
+    sp.add_argument("--hnsw-m", type=int, default=32)
+    sp.add_argument("--holdout", type=int, default=1000, help="held-out rows for recall@10")
+    sp.add_argument("--target-recall", type=float, default=0.97)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--no-gpu", action="store_true", help="stay on CPU even when faiss sees a GPU")
+    sp = isub.add_parser("search", help="top-k neighbours of stored particles (--ids) or new ones")
+    sp.add_argument("--index", required=True)
+    sp.add_argument("--ids", nargs="+", help="particle ids stored in the index")
+    sp.add_argument("--embeddings", help="embeddings of new particles")
+    sp.add_argument("--query-kind", choices=kinds, help="default: the index's kind")
+    sp.add_argument("--k", type=int, default=10)
+    sp.add_argument("--out", help=".csv or .parquet (default: print the first lines)")
+    sp.add_argument("--no-gpu", action="store_true")
+    sp = isub.add_parser("info", help="what an index folder holds")
+    sp.add_argument("--index", required=True)
+
+    sp = add(
+        "classify", cmd_classify, "classify new particles against a labelled gallery, with open-set rejection"
+    )
+    sp.add_argument("--gallery", required=True, help="labelled embeddings folder, or an index built from one")
+    sp.add_argument("--queries", required=True, help="embeddings of the particles to classify")
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--k", type=int, default=3)
+    sp.add_argument("--kind", choices=kinds, default="fused", help="gallery kind (an index knows its own)")
+    sp.add_argument("--query-kind", choices=kinds, help="default: the gallery's kind")
+    sp.add_argument("--threshold", type=float, help="open-set score threshold (default: calibrated)")
+    sp.add_argument(
+        "--accept",
+        type=float,
+        default=0.95,
+        help="calibrate the threshold to accept this share of the gallery (leave-one-out)",
+    )
+    sp.add_argument("--volume-ml", type=float, help="sample volume, for counts per mL")
+    sp.add_argument("--html", action="store_true", help="write a contact sheet of sample particles")
+    sp.add_argument("--particles", help="the queries' particle Parquet (images for --html)")
+    sp.add_argument("--gallery-particles", help="the gallery's particle Parquet (images for --html)")
+    sp.add_argument("--no-gpu", action="store_true")
 
     sp = add("models", cmd_models, "list registered encoders with parameters and FLOPs")
     sp.add_argument("--image-size", type=int, default=64)

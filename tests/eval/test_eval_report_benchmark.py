@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from xmodal.cli import main
 from xmodal.eval.benchmark import benchmark, named_paths
 from xmodal.eval.embeddings import write_embeddings
 from xmodal.eval.protocol import COMBOS, run_protocol
@@ -89,6 +90,27 @@ def test_benchmark_split_and_cross_domain(ev, tmp_path: Path) -> None:
         progress=False,
     )[0]
     assert split.cell("I-I", 2).accuracy == cross.cell("I-I", 2).accuracy  # the same protocol either way
+    # and the same through the command line's cross-domain flags
+    argv = [
+        "benchmark",
+        "--embeddings",
+        str(tmp_path / "both"),
+        "--out",
+        str(tmp_path / "o5"),
+        "--combos",
+        "I-I",
+        "--n",
+        "2",
+        "--repeats",
+        "2",
+        "--gallery-domain",
+        "LAB",
+        "--query-domain",
+        "SEA",
+    ]
+    assert main(argv) == 0
+    cell = json.loads((tmp_path / "o5" / "results.json").read_text())["results"][0]["cells"][0]
+    assert cell["accuracy"]["values"] == cross.cell("I-I", 2).accuracy
     with pytest.raises(ValueError, match="domains present: \\['LAB', 'SEA'\\]"):
         benchmark(tmp_path / "both", tmp_path / "o3", ["I-I"], [2], query_domain="UTO", progress=False)
     with pytest.raises(ValueError, match="one query set per model"):

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from xmodal.config import ConfigError
+from xmodal.storage import durable
 from xmodal.train.metrics import format_duration
 from xmodal.tune.report import RUNS, STUDY_FILE, SweepResult, run_name, storage_url, write_report
 from xmodal.tune.space import Space, load_space
@@ -248,7 +249,7 @@ def run_sweep(
     base = _local_data(space.base_dict(base_config, over))
     space.validate(base)
     name = name or space.path.stem
-    sweep_dir = Path(storage_path).resolve() / name
+    sweep_dir = Path(durable(storage_path, "--storage-path")) / name
     state = _load_state(sweep_dir, space, base, resume)
 
     storage = optuna.storages.RDBStorage(storage_url(sweep_dir))

@@ -27,6 +27,7 @@ from xmodal.data.schema import N_CHANNELS
 from xmodal.data.synth import synthesize
 from xmodal.data.transforms import META_NORM, normalise_profile, resample, resize_and_pad
 from xmodal.models.build import build_model
+from xmodal.storage import join, read_bytes
 
 
 class PlainDataset(torch.utils.data.Dataset):
@@ -96,7 +97,7 @@ def xmodal_path(cfg) -> dict[str, float]:
     from xmodal.train.trainer import pretrain
 
     result = pretrain(cfg, name="bench")
-    lines = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(x) for x in read_bytes(join(result.run_dir, "metrics.jsonl")).decode().splitlines()]
     ep = [r for r in lines if r["kind"] == "epoch"][1:]
     return {
         "samples_per_s": float(np.mean([r["samples_per_s"] for r in ep])),

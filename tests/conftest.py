@@ -1,10 +1,13 @@
-"""Shared fixtures: one local Ray cluster per test session (2 CPUs), and the real-data folder."""
+"""Shared fixtures: one local Ray cluster per test session (2 CPUs), the real-data folder, and
+process lookups for the fault-injection tests."""
 
 from __future__ import annotations
 
 import os
 import tempfile
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -27,14 +30,62 @@ def realdata() -> Path:
     return d
 
 
+def process_tree(root: int) -> list[int]:
+    """``root`` and all its descendants, from /proc (Ray's raylet moves workers into their own
+    process groups, so a process-group lookup would miss them)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo += children.get(pid, [])
+    return out
+
+
+def train_workers(root: int) -> list[int]:
+    """Live Ray Train worker processes under ``root``, by the process title Ray gives an actor
+    (``ray::RayTrainWorker...``): instant, unlike the state API, which needs the dashboard and
+    takes seconds, long enough for a tiny run to finish the epoch a test meant to interrupt."""
+    found = []
+    for pid in process_tree(root):
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
+                found.append(pid)
+        except OSError:
+            continue
+    return found
+
+
+@pytest.fixture(scope="session")
+def procs() -> SimpleNamespace:
+    return SimpleNamespace(tree=process_tree, train_workers=train_workers)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
-    """A local Ray cluster shared by every test that needs one (start-up costs ~10 s)."""
+    """A local Ray cluster shared by every test that needs one (start-up costs ~10 s), retried:
+    on a loaded machine Ray's own start-up wait for its processes can run out. No dashboard: no
+    test uses the state API, and its processes would take CPU from every training test."""
     import ray
 
-    # Unix socket paths must stay under 107 characters: keep the temp dir short.
-    tmp = tempfile.mkdtemp(prefix="xr", dir="/tmp")
-    ctx = ray.init(num_cpus=2, _temp_dir=tmp, include_dashboard=True, log_to_driver=True)
+    for attempt in range(3):
+        # Unix socket paths must stay under 107 characters: keep the temp dir short.
+        tmp = tempfile.mkdtemp(prefix="xr", dir="/tmp")
+        try:
+            ctx = ray.init(num_cpus=2, _temp_dir=tmp, include_dashboard=False, log_to_driver=True)
+            break
+        except Exception:
+            ray.shutdown()
+            if attempt == 2:
+                raise
+            time.sleep(5)
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -16,6 +16,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -46,25 +47,6 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
-def process_tree(root: int) -> list[int]:
-    """``root`` and all its descendants, from /proc (Ray's raylet moves workers into their own
-    process groups, so a process-group kill would miss them)."""
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(d.name))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo += children.get(pid, [])
-    return out
-
-
 def processes_mentioning(text: str) -> list[int]:
     """Processes whose command line names ``text`` (our temp dir): catches any that were reparented."""
     found = []
@@ -84,6 +66,7 @@ class LocalHead:
     temp_dir: Path
     proc: subprocess.Popen
     env: dict[str, str]
+    procs: SimpleNamespace  # the root conftest's process lookups
 
     def ray(self, *args: str, timeout: float = 120) -> str:
         cmd = [str(BIN / "ray"), *args]
@@ -151,9 +134,16 @@ class LocalHead:
             )
             time.sleep(0.5)
 
+    def kill_train_worker(self) -> int:
+        """SIGKILL one live Ray Train worker of this head; its pid."""
+        workers = self.procs.train_workers(self.proc.pid)
+        assert workers, "no live RayTrainWorker process on the test cluster"
+        os.kill(workers[-1], signal.SIGKILL)
+        return workers[-1]
+
     def shutdown(self) -> None:
         """SIGKILL this head's processes only (SIGTERM makes Ray drain for 30 s first)."""
-        pids = set(process_tree(self.proc.pid)) | set(processes_mentioning(str(self.temp_dir)))
+        pids = set(self.procs.tree(self.proc.pid)) | set(processes_mentioning(str(self.temp_dir)))
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -169,7 +159,9 @@ class LocalHead:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
-def start_head(num_cpus: int = 2, attempts: int = 3, timeout: float = 150) -> LocalHead:
+def start_head(
+    procs: SimpleNamespace, num_cpus: int = 2, attempts: int = 3, timeout: float = 150
+) -> LocalHead:
     """Start a head node, retried: on a loaded machine Ray's own 30-s start-up wait
     for its agents can run out."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # never join the session cluster
@@ -195,7 +187,7 @@ def start_head(num_cpus: int = 2, attempts: int = 3, timeout: float = 150) -> Lo
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        head = LocalHead(f"http://127.0.0.1:{ports[1]}", temp_dir, proc, env)
+        head = LocalHead(f"http://127.0.0.1:{ports[1]}", temp_dir, proc, env, procs)
         t0 = time.monotonic()
         # Ready = `ray start` reported success (the dashboard answers earlier, while the start can
         # still time out and tear everything down) and the job server answers.
@@ -213,10 +205,11 @@ def start_head(num_cpus: int = 2, attempts: int = 3, timeout: float = 150) -> Lo
     pytest.fail(f"ray start --head failed {attempts} times:\n" + "\n---\n".join(errors))
 
 
-@pytest.fixture(scope="session")
-def head():
-    """One head for all job tests of the session (each start costs 10-40 s)."""
-    h = start_head()
+@pytest.fixture(scope="package")
+def head(procs):
+    """One head for all job tests of this folder (each start costs 10-40 s), stopped after them so
+    its idle processes do not take CPU from later tests."""
+    h = start_head(procs)
     yield h
     h.shutdown()
 

@@ -52,12 +52,30 @@ def paired_only(batch: dict[str, Any]) -> dict[str, Any]:
     return {k: v[keep] for k, v in batch.items()}
 
 
-def train_dataset(cfg: DataConfig, augment: bool = True, batch_size: int = 64):
-    """Paired particles of ``cfg.train`` as a lazy Ray Dataset of model batches."""
+def read_parquet(files: list[str], **kwargs: Any):
+    """``ray.data.read_parquet`` through Ray Data's first (V1) Parquet datasource.
+
+    Ray 2.60 reads Parquet through DataSourceV2 by default, which starts 32 footer-reader actors
+    and a listing task for every execution, i.e. every epoch: on 2 CPUs that took 4-25 s per epoch
+    for 960 particles (~0.5 s of decoding), where V1 took 1.3-2.2 s (measured with
+    bench/bench_train.py's data; see bench/RESULTS.md). Our inputs are explicit file lists, so
+    nothing of V2's listing is needed; the flag is restored afterwards because the context is
+    process-wide."""
     import ray.data
 
+    ctx = ray.data.DataContext.get_current()
+    before = ctx.use_datasource_v2
+    ctx.use_datasource_v2 = False
+    try:
+        return ray.data.read_parquet(files, **kwargs)
+    finally:
+        ctx.use_datasource_v2 = before
+
+
+def train_dataset(cfg: DataConfig, augment: bool = True, batch_size: int = 64):
+    """Paired particles of ``cfg.train`` as a lazy Ray Dataset of model batches."""
     files = [str(f) for f in parquet_files(cfg.train)]
-    ds = ray.data.read_parquet(files, columns=COLUMNS)
+    ds = read_parquet(files, columns=COLUMNS)
     ds = ds.map_batches(paired_only, batch_format="numpy")
     aug = Augment.from_config(cfg.augment) if augment else None
     return ds.map_batches(

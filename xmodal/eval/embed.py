@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from xmodal.data.pipeline import COLUMNS
+from xmodal.data.pipeline import COLUMNS, read_parquet
 from xmodal.data.schema import parquet_files
 from xmodal.data.transforms import to_model_batch
 from xmodal.eval.embeddings import EmbeddingSet
@@ -263,7 +263,7 @@ def embed(
         keep_order = ctx.execution_options.preserve_order
         ctx.execution_options.preserve_order = True  # shards finish one after another: few open at once
         try:
-            ds = ray.data.read_parquet(pending, include_paths=True)
+            ds = read_parquet(pending, include_paths=True)
             ds = ds.select_columns([*COLUMNS, "label", "domain", "path"])
             ds = ds.map_batches(
                 _ShardEmbedder,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import tempfile
 import time
 from contextlib import nullcontext
@@ -38,6 +39,12 @@ def check_finite(
 def _autocast(device: torch.device, precision: str):
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+
+def say(line: str) -> None:
+    """Print once: Ray Train patches ``print`` in workers to log *and* echo, so a plain print shows
+    every line twice in the driver's output; the process's own stdout reaches it once."""
+    print(line, file=sys.__stdout__, flush=True)
 
 
 def _allreduce_sum(values: list[float], device: torch.device) -> list[float]:
@@ -94,7 +101,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     total_steps = cfg.optim.epochs * steps_per_epoch
     t_run = time.time()
     if rank == 0 and start_epoch > 0:
-        print(f"[xmodal] resuming from epoch {start_epoch} (step {global_step})", flush=True)
+        say(f"[xmodal] resuming from epoch {start_epoch} (step {global_step})")
 
     for epoch in range(start_epoch, cfg.optim.epochs):
         model.train()
@@ -164,12 +171,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 metrics.update(validate(module, val_data, cfg, device))
             metrics.setdefault("val_score", -metrics["train_loss"])  # no labelled set: rank by loss
             logger.log("epoch", epoch + 1, metrics)
-            print(
+            say(
                 "[xmodal] "
                 + progress_line(
                     epoch, cfg.optim.epochs, metrics, time.time() - t_run, epoch + 1 - start_epoch
-                ),
-                flush=True,
+                )
             )
             if is_ckpt_epoch:
                 with tempfile.TemporaryDirectory() as tmp:

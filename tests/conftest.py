@@ -3,6 +3,7 @@ process lookups for the fault-injection tests."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
@@ -63,23 +64,38 @@ def train_workers(root: int) -> list[int]:
     return found
 
 
+def registered_epoch(run_dir: Path) -> int:
+    """The epoch of the newest checkpoint Ray Train has registered for a run: what a restarted
+    worker group or a re-run driver resumes from. A checkpoint folder exists a moment before the
+    controller registers it; a failure injected in between loses that checkpoint, as Ray documents,
+    so fault tests wait for this instead of for the folder."""
+    try:
+        snapshot = json.loads((Path(run_dir) / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):  # not written yet, or caught mid-write
+        return 0
+    latest = snapshot.get("latest_checkpoint_result") or {}
+    return int((latest.get("metrics") or {}).get("epoch", 0))
+
+
 @pytest.fixture(scope="session")
-def procs() -> SimpleNamespace:
-    return SimpleNamespace(tree=process_tree, train_workers=train_workers)
+def faults() -> SimpleNamespace:
+    """Helpers for the failure-injection tests."""
+    return SimpleNamespace(tree=process_tree, train_workers=train_workers, registered_epoch=registered_epoch)
 
 
 @pytest.fixture(scope="session")
 def ray_session():
     """A local Ray cluster shared by every test that needs one (start-up costs ~10 s), retried:
-    on a loaded machine Ray's own start-up wait for its processes can run out. No dashboard: no
-    test uses the state API, and its processes would take CPU from every training test."""
+    on a loaded machine Ray's own start-up wait for its processes can run out. The dashboard stays:
+    Ray Train's placement-group cleaner asks the state API (served by it) whether a run's
+    controller is still alive, e.g. after a test killed that run's driver."""
     import ray
 
     for attempt in range(3):
         # Unix socket paths must stay under 107 characters: keep the temp dir short.
         tmp = tempfile.mkdtemp(prefix="xr", dir="/tmp")
         try:
-            ctx = ray.init(num_cpus=2, _temp_dir=tmp, include_dashboard=False, log_to_driver=True)
+            ctx = ray.init(num_cpus=2, _temp_dir=tmp, include_dashboard=True, log_to_driver=True)
             break
         except Exception:
             ray.shutdown()

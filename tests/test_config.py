@@ -30,8 +30,12 @@ def test_int_accepted_for_float_and_round_trip(tmp_path):
 
 @pytest.mark.parametrize(
     "override, message",
-    [("optim.lrr=1", "optim.lrr"), ("optim.epochs=abc", "optim.epochs"), ("train.use_gpu=3", "train.use_gpu"),
-     ("nosection.x=1", "nosection")],
+    [
+        ("optim.lrr=1", "optim.lrr"),
+        ("optim.epochs=abc", "optim.epochs"),
+        ("train.use_gpu=3", "train.use_gpu"),
+        ("nosection.x=1", "nosection"),
+    ],
 )
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.split(".")[0]) as e:

@@ -66,7 +66,7 @@ class LocalHead:
     temp_dir: Path
     proc: subprocess.Popen
     env: dict[str, str]
-    procs: SimpleNamespace  # the root conftest's process lookups
+    procs: SimpleNamespace  # the root conftest's ``faults`` helpers
 
     def ray(self, *args: str, timeout: float = 120) -> str:
         cmd = [str(BIN / "ray"), *args]
@@ -120,11 +120,12 @@ class LocalHead:
         return logs
 
     def wait_for_checkpoint(self, job: str, run_dir: Path, timeout: float = 900) -> None:
-        """Until ``run_dir`` holds a checkpoint; fails early if the job ends first. The timeouts
-        here only guard against hangs: on a 2-core machine shared with other Ray test sessions
-        (load average 15-50) the first checkpoint took up to 5 minutes."""
+        """Until Ray Train has registered a checkpoint of the run in ``run_dir`` (see the root
+        conftest's ``registered_epoch``); fails early if the job ends first. The timeouts here only
+        guard against hangs: on a 2-core machine shared with other Ray test sessions (load average
+        15-50) the first checkpoint took up to 5 minutes."""
         t0 = time.monotonic()
-        while not list(run_dir.glob("checkpoint_*/checkpoint.pt")):
+        while self.procs.registered_epoch(run_dir) < 1:
             status = self.status(job)
             assert status not in TERMINAL, (
                 f"job {job} {status} before a checkpoint:\n{self.logs(job)[-5000:]}"
@@ -206,10 +207,10 @@ def start_head(
 
 
 @pytest.fixture(scope="package")
-def head(procs):
+def head(faults):
     """One head for all job tests of this folder (each start costs 10-40 s), stopped after them so
     its idle processes do not take CPU from later tests."""
-    h = start_head(procs)
+    h = start_head(faults)
     yield h
     h.shutdown()
 

@@ -50,7 +50,6 @@ def pretrain_job(head, tiny_data, tmp_path_factory, epoch_records):
     t0 = time.monotonic()
     job = head.submit("pretrain-1", *pretrain_entrypoint(tiny_data, f"file://{storage}/runs", "jobrun"))
     head.wait_for_checkpoint(job, run_dir)
-    time.sleep(1)  # let the controller register the checkpoint it was just handed
     head.kill_train_worker()
     killed_after = epoch_records(run_dir)
     print(f"[pretrain] worker killed after epochs {killed_after}, {time.monotonic() - t0:.0f}s in")

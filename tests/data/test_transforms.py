@@ -48,7 +48,13 @@ def test_images_to_array_range_and_missing_rows():
 
 def test_normalise_profile_formula_and_extremes():
     v = np.zeros((N_CHANNELS, 5), np.float32)
-    v[0] = [0, 1, SATURATION_MV, 20000, -5]  # FWS: zero, small, saturated, above saturation, negative baseline
+    v[0] = [
+        0,
+        1,
+        SATURATION_MV,
+        20000,
+        -5,
+    ]  # FWS: zero, small, saturated, above saturation, negative baseline
     v[CURVATURE] = [-0.98, 0, 0.5, -3, np.nan]
     out = normalise_profile(v)
     assert np.isfinite(out).all()
@@ -85,8 +91,13 @@ def batch_of(n=8, seed=0):
         "particle_id": np.array([f"p{i}" for i in range(n)], dtype=object),
         "has_image": np.ones(n, bool),
         "has_profile": np.ones(n, bool),
-        "image": np.array([png(rng.integers(0, 256, (rng.integers(8, 90), rng.integers(8, 90)), dtype=np.uint8))
-                           for _ in range(n)], dtype=object),
+        "image": np.array(
+            [
+                png(rng.integers(0, 256, (rng.integers(8, 90), rng.integers(8, 90)), dtype=np.uint8))
+                for _ in range(n)
+            ],
+            dtype=object,
+        ),
         "image_height": np.zeros(n, np.int32) + 50,
         "image_width": np.zeros(n, np.int32) + 40,
         "profile": [rng.uniform(-10, 9000, N_CHANNELS * L).astype(np.float32) for L in lengths],
@@ -95,8 +106,15 @@ def batch_of(n=8, seed=0):
 
 
 def test_model_batch_contract_with_all_augmentations():
-    aug = Augment(flip=0.5, resized_crop=1.0, brightness=0.3, contrast=0.3, amplitude=0.2, band_drop=0.5,
-                  temporal_crop=0.5)
+    aug = Augment(
+        flip=0.5,
+        resized_crop=1.0,
+        brightness=0.3,
+        contrast=0.3,
+        amplitude=0.2,
+        band_drop=0.5,
+        temporal_crop=0.5,
+    )
     out = to_model_batch(batch_of(), 32, 64, aug, np.random.default_rng(1))
     assert out["image"].shape == (8, 1, 32, 32) and out["profile"].shape == (8, N_CHANNELS, 64)
     assert out["image_meta"].shape == (8, 2) and out["profile_meta"].shape == (8, 1)

@@ -74,13 +74,13 @@ def pretrain_args(data: Path, storage: Path, name: str) -> list[str]:
     return args
 
 
-def wait_for_checkpoint(run_dir: Path, proc: subprocess.Popen, timeout: float = 400) -> None:
+def wait_registered(faults, run_dir: Path, proc: subprocess.Popen, epoch: int, timeout: float = 600) -> None:
+    """Until Ray Train has registered the checkpoint of ``epoch`` (hang guard only)."""
     t0 = time.time()
-    while not list(run_dir.glob("checkpoint_*/checkpoint.pt")):
+    while faults.registered_epoch(run_dir) < epoch:
         assert proc.poll() is None, f"pretraining exited early:\n{proc.stdout.read()}"
-        assert time.time() - t0 < timeout, "no checkpoint appeared in time"
-        time.sleep(1)
-    time.sleep(3)  # let the controller record the checkpoint before we interrupt
+        assert time.time() - t0 < timeout, f"no registered checkpoint of epoch {epoch} in time"
+        time.sleep(0.2)
 
 
 def epoch_records(run_dir: Path) -> list[int]:
@@ -97,12 +97,8 @@ def finish(proc: subprocess.Popen, timeout: float = 600) -> str:
 REPO = Path(__file__).resolve().parents[2]
 
 
-def checkpoints(run_dir: Path) -> int:
-    return len(list(run_dir.glob("checkpoint_*/checkpoint.pt")))
-
-
 def test_driver_killed_then_worker_killed_resumes_then_embeds_and_benchmarks(
-    ray_session, procs, tiny_data, tmp_path
+    ray_session, faults, tiny_data, tmp_path
 ):
     from xmodal.eval.benchmark import benchmark
     from xmodal.eval.embed import embed
@@ -111,24 +107,21 @@ def test_driver_killed_then_worker_killed_resumes_then_embeds_and_benchmarks(
     storage, name = tmp_path / "runs", "resume"
     run_dir = storage / name
     first = cli(pretrain_args(tiny_data, storage, name), cwd=REPO)
-    wait_for_checkpoint(run_dir, first)
+    wait_registered(faults, run_dir, first, 1)
     first.send_signal(signal.SIGKILL)  # the driver dies without any chance to clean up
     first.wait()
     done_before = epoch_records(run_dir)
-    assert 1 <= len(done_before) < EPOCHS
+    assert len(done_before) == faults.registered_epoch(run_dir) < EPOCHS, done_before
 
-    # re-run: resumes; once it has written one more checkpoint, one of its training workers dies
+    # re-run: resumes; once one more checkpoint is registered, one of its training workers dies
+    stale = set(faults.train_workers(os.getpid()))  # the killed driver's workers, if any linger
     second = cli(pretrain_args(tiny_data, storage, name), cwd=REPO)
-    have, t0 = checkpoints(run_dir), time.time()
-    while checkpoints(run_dir) == have:
-        assert second.poll() is None, f"the resumed run exited early:\n{second.stdout.read()}"
-        assert time.time() - t0 < 600, "the resumed run wrote no checkpoint in time (hang guard)"
-        time.sleep(0.5)
-    time.sleep(1)  # let the controller register the checkpoint it was just handed
-    workers = procs.train_workers(os.getpid())  # the session cluster's raylet is this process's child
-    assert workers, "no live training worker found"
+    wait_registered(faults, run_dir, second, len(done_before) + 1)
+    # the session cluster's raylet is this process's child; only the re-run's workers count
+    workers = [p for p in faults.train_workers(os.getpid()) if p not in stale]
+    assert workers, f"no live training worker of the re-run found (stale: {sorted(stale)})"
     os.kill(workers[-1], signal.SIGKILL)
-    killed_at = epoch_records(run_dir)[-1]
+    killed_at = faults.registered_epoch(run_dir)
     assert killed_at < EPOCHS, "the run finished before the worker was killed"
 
     out = finish(second)

@@ -10,9 +10,11 @@ one query is worth ~0.007)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -51,15 +53,20 @@ def cli(args: list[str], log: Path) -> subprocess.Popen:
 
 
 def trials_by_state(sweep: Path) -> dict[str, list[int]]:
-    if not (sweep / "optuna.db").exists():
+    """Trial numbers by state, read from the study's SQLite file read-only: opening it through
+    Optuna while the driver creates it would race the driver's schema set-up (both insert the
+    schema version: "UNIQUE constraint failed: alembic_version")."""
+    db = sweep / "optuna.db"
+    if not db.exists():
         return {}
     try:
-        study = optuna.load_study(study_name=sweep.name, storage=storage_url(sweep))
-    except KeyError:  # the driver has not created the study yet
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as con:
+            rows = con.execute("SELECT number, state FROM trials").fetchall()
+    except sqlite3.OperationalError:  # no tables yet, or locked by a writer for > 5 s
         return {}
     out: dict[str, list[int]] = {}
-    for t in study.get_trials(deepcopy=False):
-        out.setdefault(t.state.name, []).append(t.number)
+    for number, state in rows:
+        out.setdefault(state, []).append(number)
     return out
 
 
@@ -125,10 +132,12 @@ def test_sweep_interrupted_resumed_reported_and_best_reproduced(
     new = [t for t in finished if t.number not in done_before and t is not again[0]]
     assert len(new) == 1
     assert all(new[0].params["optim.lr"] != t.params["optim.lr"] for t in done_before.values())
-    # ASHA over epochs: scores arrive per epoch; no trial ran past the configured 2 epochs
+    # ASHA over epochs: scores arrive per epoch; no trial ran past the configured 2 epochs. A trial
+    # ASHA stops after epoch 1 may still record epoch 2 in its run before the stop reaches it; its
+    # value is the score of the last epoch Tune received.
     for t in finished:
         curve = epoch_curve(sweep / "runs" / t.user_attrs["run"])
-        assert 1 <= len(curve) <= 2 and curve[-1][1] == pytest.approx(t.value)
+        assert 1 <= len(curve) <= 2 and any(score == pytest.approx(t.value) for _, score in curve), (curve, t)
 
     best = max(finished, key=lambda t: t.value)
     assert f"best trial:      {best.number} " in out

@@ -110,3 +110,16 @@ def ray_session():
     yield ray
     os.environ.pop("RAY_ADDRESS", None)
     ray.shutdown()
+
+
+@pytest.fixture
+def faiss_one_thread():
+    """FAISS single-threaded for one test (the evaluation and index tests were written and checked
+    that way); its OpenMP threads would otherwise compete with the session's Ray cluster for the
+    two cores."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)

@@ -5,10 +5,8 @@ FAISS runs on one thread in these tests (the machine is shared); the setting is 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from types import SimpleNamespace
 
-import faiss
 import numpy as np
 import pytest
 
@@ -112,8 +110,5 @@ def ev() -> SimpleNamespace:
 
 
 @pytest.fixture(autouse=True)
-def _faiss_one_thread() -> Iterator[None]:
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+def _one_faiss_thread(faiss_one_thread) -> None:
+    """Every test here runs FAISS single-threaded (root conftest)."""

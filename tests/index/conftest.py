@@ -5,11 +5,9 @@ brute-force neighbour search. FAISS runs on one thread here (the machine is shar
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
-import faiss
 import numpy as np
 import pytest
 
@@ -98,8 +96,5 @@ def ix() -> SimpleNamespace:
 
 
 @pytest.fixture(autouse=True)
-def _faiss_one_thread() -> Iterator[None]:
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+def _one_faiss_thread(faiss_one_thread) -> None:
+    """Every test here runs FAISS single-threaded (root conftest)."""

@@ -191,7 +191,18 @@ def test_dino_baseline_trains_through_ray_train_and_embeds_image_only(ray_sessio
     cfg = load_config(
         REPO / "configs" / "laptop.yaml",
         overrides(
-            tiny_data, tmp_path / "runs", **{"loss.name": "dino", "optim.epochs": 1, "train.num_workers": 1}
+            tiny_data,
+            tmp_path / "runs",
+            **{
+                "loss.name": "dino",
+                # a small head and 2 local crops: this tests the path through Ray Train, not DINO at scale
+                "loss.kwargs.n_local": 2,
+                "loss.kwargs.out_dim": 256,
+                "loss.kwargs.hidden_dim": 256,
+                "data.val_max_particles": 160,
+                "optim.epochs": 1,
+                "train.num_workers": 1,
+            },
         ),
     )
     result = pretrain(cfg, name="dino")

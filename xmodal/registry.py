@@ -48,9 +48,7 @@ class Registry:
         try:
             return self._factories[name]
         except KeyError:
-            raise KeyError(
-                f"unknown {self.kind} '{name}'; registered: {', '.join(self.names())}"
-            ) from None
+            raise KeyError(f"unknown {self.kind} '{name}'; registered: {', '.join(self.names())}") from None
 
     def build(self, name: str, **kwargs: Any) -> Any:
         return self.get(name)(**kwargs)

@@ -77,10 +77,22 @@ def registered_epoch(run_dir: Path) -> int:
     return int((latest.get("metrics") or {}).get("epoch", 0))
 
 
+def epoch_records(run_dir: Path) -> list[int]:
+    """The epochs a run's ``metrics.jsonl`` recorded, in order (a repeat = a retrained epoch)."""
+    f = Path(run_dir) / "metrics.jsonl"
+    lines = f.read_text().splitlines() if f.exists() else []
+    return [r["step"] for r in map(json.loads, lines) if r["kind"] == "epoch"]
+
+
 @pytest.fixture(scope="session")
 def faults() -> SimpleNamespace:
     """Helpers for the failure-injection tests."""
-    return SimpleNamespace(tree=process_tree, train_workers=train_workers, registered_epoch=registered_epoch)
+    return SimpleNamespace(
+        tree=process_tree,
+        train_workers=train_workers,
+        registered_epoch=registered_epoch,
+        epoch_records=epoch_records,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,6 @@ including other test sessions' clusters on the same machine)."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -66,7 +65,7 @@ class LocalHead:
     temp_dir: Path
     proc: subprocess.Popen
     env: dict[str, str]
-    procs: SimpleNamespace  # the root conftest's ``faults`` helpers
+    faults: SimpleNamespace  # the root conftest's fault-injection helpers
 
     def ray(self, *args: str, timeout: float = 120) -> str:
         cmd = [str(BIN / "ray"), *args]
@@ -125,7 +124,7 @@ class LocalHead:
         guard against hangs: on a 2-core machine shared with other Ray test sessions (load average
         15-50) the first checkpoint took up to 5 minutes."""
         t0 = time.monotonic()
-        while self.procs.registered_epoch(run_dir) < 1:
+        while self.faults.registered_epoch(run_dir) < 1:
             status = self.status(job)
             assert status not in TERMINAL, (
                 f"job {job} {status} before a checkpoint:\n{self.logs(job)[-5000:]}"
@@ -137,14 +136,14 @@ class LocalHead:
 
     def kill_train_worker(self) -> int:
         """SIGKILL one live Ray Train worker of this head; its pid."""
-        workers = self.procs.train_workers(self.proc.pid)
+        workers = self.faults.train_workers(self.proc.pid)
         assert workers, "no live RayTrainWorker process on the test cluster"
         os.kill(workers[-1], signal.SIGKILL)
         return workers[-1]
 
     def shutdown(self) -> None:
         """SIGKILL this head's processes only (SIGTERM makes Ray drain for 30 s first)."""
-        pids = set(self.procs.tree(self.proc.pid)) | set(processes_mentioning(str(self.temp_dir)))
+        pids = set(self.faults.tree(self.proc.pid)) | set(processes_mentioning(str(self.temp_dir)))
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -161,7 +160,7 @@ class LocalHead:
 
 
 def start_head(
-    procs: SimpleNamespace, num_cpus: int = 2, attempts: int = 3, timeout: float = 150
+    faults: SimpleNamespace, num_cpus: int = 2, attempts: int = 3, timeout: float = 150
 ) -> LocalHead:
     """Start a head node, retried: on a loaded machine Ray's own 30-s start-up wait
     for its agents can run out."""
@@ -188,7 +187,7 @@ def start_head(
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        head = LocalHead(f"http://127.0.0.1:{ports[1]}", temp_dir, proc, env, procs)
+        head = LocalHead(f"http://127.0.0.1:{ports[1]}", temp_dir, proc, env, faults)
         t0 = time.monotonic()
         # Ready = `ray start` reported success (the dashboard answers earlier, while the start can
         # still time out and tear everything down) and the job server answers.
@@ -223,15 +222,3 @@ def tiny_data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data")
     synthesize(out, n_lab=160, n_sea=0, n_uto=256, seed=0, fmt="parquet", image_size=24)
     return out
-
-
-def _epoch_records(run_dir: Path) -> list[int]:
-    f = run_dir / "metrics.jsonl"
-    lines = f.read_text().splitlines() if f.exists() else []
-    return [r["step"] for r in map(json.loads, lines) if r["kind"] == "epoch"]
-
-
-@pytest.fixture(scope="session")
-def epoch_records():
-    """run folder -> the epochs its ``metrics.jsonl`` recorded, in order (repeats = retrained epochs)."""
-    return _epoch_records

@@ -43,7 +43,7 @@ def pretrain_entrypoint(data: Path, storage: str, name: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def pretrain_job(head, tiny_data, tmp_path_factory, epoch_records):
+def pretrain_job(head, tiny_data, tmp_path_factory, faults):
     """A pretraining job whose worker is killed after the first checkpoint."""
     storage = tmp_path_factory.mktemp("storage")
     run_dir = storage / "runs" / "jobrun"
@@ -51,18 +51,18 @@ def pretrain_job(head, tiny_data, tmp_path_factory, epoch_records):
     job = head.submit("pretrain-1", *pretrain_entrypoint(tiny_data, f"file://{storage}/runs", "jobrun"))
     head.wait_for_checkpoint(job, run_dir)
     head.kill_train_worker()
-    killed_after = epoch_records(run_dir)
+    killed_after = faults.epoch_records(run_dir)
     print(f"[pretrain] worker killed after epochs {killed_after}, {time.monotonic() - t0:.0f}s in")
     logs = head.wait_succeeded(job)
     print(f"[pretrain] job succeeded after {time.monotonic() - t0:.0f}s")
     return run_dir, logs, killed_after
 
 
-def test_pretrain_job_survives_a_killed_worker(pretrain_job, epoch_records):
+def test_pretrain_job_survives_a_killed_worker(pretrain_job, faults):
     run_dir, logs, killed_after = pretrain_job
     assert 1 <= len(killed_after) < EPOCHS, f"the worker was killed too late to matter: {killed_after}"
     assert "resuming from epoch" in logs, logs[-5000:]
-    epochs = epoch_records(run_dir)
+    epochs = faults.epoch_records(run_dir)
     assert sorted(set(epochs)) == list(range(1, EPOCHS + 1)) and epochs[-1] == EPOCHS, epochs
     assert epochs.count(1) == 1, f"epoch 1 was trained again: the run restarted instead of resuming {epochs}"
 

@@ -48,7 +48,7 @@ search:
     )
 
 
-def test_sweep_job_stopped_then_resumed(head, tiny_data, tmp_path, epoch_records):
+def test_sweep_job_stopped_then_resumed(head, tiny_data, tmp_path, faults):
     if not has_tune_command():
         pytest.skip("`xmodal tune` is not a CLI command in this checkout")
     space, sweeps = tmp_path / "space.yaml", tmp_path / "sweeps"
@@ -72,12 +72,12 @@ def test_sweep_job_stopped_then_resumed(head, tiny_data, tmp_path, epoch_records
     # the job API's stop (what `ray job stop` sends), without the seconds the CLI takes to start
     head.client().stop_job(first)
     assert head.wait(first) == "STOPPED"
-    before = epoch_records(run_dir)
+    before = faults.epoch_records(run_dir)
     assert before and max(before) < EPOCHS, f"the trial finished before the stop: {before}"
 
     logs = head.wait_succeeded(head.submit("sweep-2", *cmd, "--resume"))
     assert "was interrupted; queued again" in logs, logs[-5000:]
-    epochs = epoch_records(run_dir)
+    epochs = faults.epoch_records(run_dir)
     assert epochs.count(1) == 1 and epochs[-1] == EPOCHS, f"the trial restarted instead of resuming: {epochs}"
     state = json.loads((sweeps / "s" / "sweep.json").read_text())
     assert len(state["attempts"]) == 2 and state["interrupted"] == [0], state

@@ -83,11 +83,6 @@ def wait_registered(faults, run_dir: Path, proc: subprocess.Popen, epoch: int, t
         time.sleep(0.2)
 
 
-def epoch_records(run_dir: Path) -> list[int]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r["step"] for r in map(json.loads, lines) if r["kind"] == "epoch"]
-
-
 def finish(proc: subprocess.Popen, timeout: float = 600) -> str:
     out, _ = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, out[-5000:]
@@ -110,7 +105,7 @@ def test_driver_killed_then_worker_killed_resumes_then_embeds_and_benchmarks(
     wait_registered(faults, run_dir, first, 1)
     first.send_signal(signal.SIGKILL)  # the driver dies without any chance to clean up
     first.wait()
-    done_before = epoch_records(run_dir)
+    done_before = faults.epoch_records(run_dir)
     assert len(done_before) == faults.registered_epoch(run_dir) < EPOCHS, done_before
 
     # re-run: resumes; once one more checkpoint is registered, one of its training workers dies
@@ -129,7 +124,7 @@ def test_driver_killed_then_worker_killed_resumes_then_embeds_and_benchmarks(
     assert resumed_from == {len(done_before), killed_at}, (
         f"expected resumes from epochs {len(done_before)} (driver) and {killed_at} (worker):\n{out[-4000:]}"
     )
-    epochs = epoch_records(run_dir)
+    epochs = faults.epoch_records(run_dir)
     assert epochs[-1] == EPOCHS and sorted(set(epochs)) == list(range(1, EPOCHS + 1))
     assert all(epochs.count(e) == 1 for e in epochs), f"an epoch was trained twice: {epochs}"
     newest = max(run_dir.glob("checkpoint_*/checkpoint.pt"), key=lambda p: p.stat().st_mtime)

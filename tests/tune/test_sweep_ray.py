@@ -71,7 +71,7 @@ def trials_by_state(sweep: Path) -> dict[str, list[int]]:
 
 
 def test_sweep_interrupted_resumed_reported_and_best_reproduced(
-    ray_session, tiny_data, tmp_path, tune_helpers
+    ray_session, faults, tiny_data, tmp_path, tune_helpers
 ):
     from xmodal.train.checkpoint import load_checkpoint
     from xmodal.train.trainer import pretrain
@@ -117,11 +117,7 @@ def test_sweep_interrupted_resumed_reported_and_best_reproduced(
     assert all(t.state == optuna.trial.TrialState.COMPLETE and t.value is not None for t in finished)
     # finished trials were not run again: their runs hold each epoch once, their records are unchanged
     for n, t in done_before.items():
-        epochs = [
-            json.loads(line)["step"]
-            for line in (sweep / "runs" / t.user_attrs["run"] / "metrics.jsonl").read_text().splitlines()
-            if json.loads(line)["kind"] == "epoch"
-        ]
+        epochs = faults.epoch_records(sweep / "runs" / t.user_attrs["run"])
         assert epochs == sorted(set(epochs)), f"trial {n} trained an epoch twice: {epochs}"
         assert study.trials[n].value == t.value and study.trials[n].params == t.params
     # the interrupted trial was continued with its parameters and run folder

@@ -137,14 +137,15 @@ def plain_embed(ckpt: Path, shards: list[Path]) -> int:
 
     state = load_checkpoint(ckpt)
     cfg = state["config"]
-    module = model_from_state(state, torch.device("cpu"))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the actors' device too
+    module = model_from_state(state, device)
     n = 0
     for f in shards:
         for table in iter_tables(f, columns=COLUMNS, batch_rows=256):
             cols = {c: table.column(c).to_numpy(zero_copy_only=False) for c in COLUMNS if c != "profile"}
             cols["profile"] = table.column("profile").to_pylist()
             batch = to_model_batch(cols, cfg.data.image_size, cfg.data.profile_length)
-            embed_arrays(module, batch, torch.device("cpu"))
+            embed_arrays(module, batch, device)
             n += table.num_rows
     return n
 
@@ -160,7 +161,8 @@ def quick_train(cfg: Any, shards: list[Path], steps: int, batch_rows: int, seed:
     from xmodal.models.build import build_model
 
     torch.manual_seed(seed)
-    module = build_model(cfg).train()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    module = build_model(cfg).to(device).train()
     opt = torch.optim.AdamW(module.param_groups(cfg.optim.weight_decay), lr=cfg.optim.lr)
     aug, rng = Augment.from_config(cfg.data.augment), np.random.default_rng(seed)
     step = 0
@@ -170,7 +172,7 @@ def quick_train(cfg: Any, shards: list[Path], steps: int, batch_rows: int, seed:
                 cols = {c: table.column(c).to_numpy(zero_copy_only=False) for c in COLUMNS if c != "profile"}
                 cols["profile"] = table.column("profile").to_pylist()
                 batch = to_model_batch(cols, cfg.data.image_size, cfg.data.profile_length, aug, rng)
-                loss, _ = module({k: torch.as_tensor(batch[k]) for k in MODEL_KEYS})
+                loss, _ = module({k: torch.as_tensor(batch[k]).to(device) for k in MODEL_KEYS})
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -179,8 +181,8 @@ def quick_train(cfg: Any, shards: list[Path], steps: int, batch_rows: int, seed:
                 if step % 50 == 0 or step == steps:
                     print(f"[bench] quick_train step {step}/{steps} loss {loss.item():.3f}", flush=True)
                 if step == steps:
-                    return module.eval()
-    return module.eval()
+                    return module.cpu().eval()
+    return module.cpu().eval()
 
 
 def tenth_neighbour_distance(src: Path, n_queries: int, seed: int) -> float:
@@ -376,6 +378,7 @@ def main() -> None:
     ap.add_argument(
         "--vectors-only", action="store_true", help="reuse --work's embeddings: index/search/classify"
     )
+    ap.add_argument("--embed-only", action="store_true", help="stop after the embedding stages")
     ap.add_argument("--replicate", action="store_true", help="with --vectors-only: rebuild the SCALE copies")
     args = ap.parse_args()
     work = Path(args.work)
@@ -396,7 +399,8 @@ def main() -> None:
 
     if not args.vectors_only:
         embed_stages(args, work, report)
-    vector_stages(args, work, report)
+    if not args.embed_only:
+        vector_stages(args, work, report)
     res["load_after"] = os.getloadavg()
     out.write_text(json.dumps(res, indent=1))
     print(f"[bench] results -> {out}")

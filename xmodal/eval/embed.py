@@ -35,7 +35,11 @@ def embed_arrays(
     parts: dict[str, list[np.ndarray]] = {}
     use_bf16 = device.type == "cuda"
     for s in range(0, n, chunk):
-        t = {k: torch.as_tensor(batch[k][s : s + chunk]).to(device) for k in MODEL_KEYS}
+        # Ray Data hands actors read-only views; torch wants writable memory (a copy of one chunk)
+        t = {
+            k: torch.as_tensor(np.require(batch[k][s : s + chunk], requirements="W")).to(device)
+            for k in MODEL_KEYS
+        }
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             out = module.embed(t)
         for key, v in out.items():
@@ -67,44 +71,47 @@ def model_from_state(state: dict[str, Any], device: torch.device) -> torch.nn.Mo
     return module.to(device).eval()
 
 
+KEEP = ("particle_id", "label", "domain", "path")  # carried past the model into the output rows
+
+
+def prepare_rows(table: pa.Table, image_size: int, profile_length: int) -> dict[str, np.ndarray]:
+    """Ray Data CPU task: Parquet rows -> model arrays (decode, resize, profile normalisation) plus
+    the id columns. Kept out of the model actors so that decoding runs on every CPU of the cluster
+    in parallel while the actors (one per GPU) only run the model."""
+    cols = {c: table.column(c).to_numpy(zero_copy_only=False) for c in COLUMNS if c != "profile"}
+    cols["profile"] = table.column("profile").to_pylist()
+    batch = to_model_batch(cols, image_size, profile_length)
+    out = {k: batch[k] for k in MODEL_KEYS}
+    for c in KEEP:
+        # Ray Data turns an all-null object column into floats on the way to the actor: ship the
+        # strings with a null mask instead, so an unlabelled shard keeps null labels
+        values = table.column(c).cast(pa.string())
+        out[f"{c}_null"] = values.is_null().to_numpy(zero_copy_only=False)
+        out[c] = values.fill_null("").to_numpy(zero_copy_only=False).astype(str)
+    return out
+
+
 class Embedder:
-    """Ray Data actor: holds the model; Parquet rows (pyarrow) -> embedding rows (pyarrow)."""
+    """Ray Data actor: holds the model; ``prepare_rows`` arrays -> embedding rows (pyarrow), with
+    the id columns and Ray Data's ``path`` (each row goes back to its input shard)."""
 
     def __init__(self, state_ref: Any, float16: bool = False):
         import ray
 
         state = ray.get(state_ref) if isinstance(state_ref, ray.ObjectRef) else state_ref
-        self.cfg = state["config"]
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.module = model_from_state(state, self.device)
         self.dtype = pa.float16() if float16 else pa.float32()
 
-    def __call__(self, table: pa.Table) -> pa.Table:
-        cols = {c: table.column(c).to_numpy(zero_copy_only=False) for c in COLUMNS if c != "profile"}
-        cols["profile"] = table.column("profile").to_pylist()
-        batch = to_model_batch(cols, self.cfg.data.image_size, self.cfg.data.profile_length)
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        n = len(batch["has_image"])
         emb = embed_arrays(self.module, batch, self.device)
-        out = {
-            "particle_id": table.column("particle_id"),
-            "label": table.column("label"),
-            "domain": table.column("domain"),
-        }
-        for m, has in (("image", batch["has_image"]), ("profile", batch["has_profile"])):
-            vecs = emb[m]
-            values = (
-                None if vecs is None else [v if h else None for v, h in zip(vecs.astype(np.float32), has)]
-            )
-            out[f"{m}_emb"] = pa.array(
-                values if values is not None else [None] * table.num_rows, type=pa.list_(self.dtype)
-            )
+        out = {c: pa.array(batch[c].astype(object), pa.string(), mask=batch[f"{c}_null"]) for c in KEEP}
+        for m in ("image", "profile"):
+            vecs, has = emb[m], np.asarray(batch[f"has_{m}"], bool)
+            values = [None] * n if vecs is None else [v if h else None for v, h in zip(vecs, has)]
+            out[f"{m}_emb"] = pa.array(values, type=pa.list_(self.dtype))
         return pa.table(out)
-
-
-class _ShardEmbedder(Embedder):
-    """``Embedder`` that keeps Ray Data's ``path`` column, so each row goes back to its input shard."""
-
-    def __call__(self, table: pa.Table) -> pa.Table:
-        return super().__call__(table).append_column("path", table.column("path"))
 
 
 MANIFEST = "embed.json"
@@ -266,10 +273,19 @@ def embed(
             ds = read_parquet(pending, include_paths=True)
             ds = ds.select_columns([*COLUMNS, "label", "domain", "path"])
             ds = ds.map_batches(
-                _ShardEmbedder,
-                fn_constructor_kwargs={"state_ref": ray.put(state), "float16": float16},
+                prepare_rows,
                 batch_size=batch_size,
                 batch_format="pyarrow",
+                fn_kwargs={
+                    "image_size": state["config"].data.image_size,
+                    "profile_length": state["config"].data.profile_length,
+                },
+            )
+            ds = ds.map_batches(
+                Embedder,
+                fn_constructor_kwargs={"state_ref": ray.put(state), "float16": float16},
+                batch_size=batch_size,
+                batch_format="numpy",
                 concurrency=n_actors,
                 num_gpus=1 if use_gpu else 0,
             )

@@ -1,6 +1,7 @@
 """A real sweep on the session's local Ray cluster, through the CLI as a user runs it: 4 trials of
-Tune-over-Train on tiny synthetic data, the driver killed after 2 finished trials and the sweep
-resumed to 4 without repeating them, the report, and the best config re-trained with the same seed.
+Tune-over-Train on tiny synthetic data, the driver killed after 2 finished trials while the third
+has a checkpoint, the sweep resumed to 4 without repeating them (the third continues from its
+checkpoint), the report, and the best config re-trained with the same seed.
 
 Reproduction tolerance: the augmentations draw from a per-process seed and Ray Data streams batches
 in no fixed order, so the pipeline promises statistical, not bitwise, reproduction. This sweep trains
@@ -86,10 +87,10 @@ def test_sweep_interrupted_resumed_reported_and_best_reproduced(
 
     first = cli(args, tmp_path / "first.log")
     t0 = time.time()
-    while True:  # interrupt once 2 trials have finished and the next one is training
+    while True:  # interrupt once 2 trials have finished and the next one has a registered checkpoint
         states = trials_by_state(sweep)
         if len(states.get("COMPLETE", [])) >= 2 and any(
-            (sweep / "runs" / f"trial-{n:04d}").is_dir() for n in states.get("RUNNING", [])
+            faults.registered_epoch(sweep / "runs" / f"trial-{n:04d}") >= 1 for n in states.get("RUNNING", [])
         ):
             break
         assert first.poll() is None, f"the sweep ended early:\n{(tmp_path / 'first.log').read_text()[-5000:]}"
@@ -120,10 +121,13 @@ def test_sweep_interrupted_resumed_reported_and_best_reproduced(
         epochs = faults.epoch_records(sweep / "runs" / t.user_attrs["run"])
         assert epochs == sorted(set(epochs)), f"trial {n} trained an epoch twice: {epochs}"
         assert study.trials[n].value == t.value and study.trials[n].params == t.params
-    # the interrupted trial was continued with its parameters and run folder
+    # the interrupted trial was continued with its parameters and run folder, from its checkpoint:
+    # its first epoch was not trained again
     (lost,) = interrupted.values()
     again = [t for t in finished if t.user_attrs["run"] == lost.user_attrs["run"]]
     assert len(again) == 1 and again[0].params == lost.params and again[0].number > lost.number
+    epochs = faults.epoch_records(sweep / "runs" / lost.user_attrs["run"])
+    assert epochs.count(1) == 1, f"the interrupted trial restarted instead of resuming: {epochs}"
     # reseeded sampler: the new trial is not a replay of the first trials' random draws
     new = [t for t in finished if t.number not in done_before and t is not again[0]]
     assert len(new) == 1

@@ -95,11 +95,16 @@ class Embedder:
     """Ray Data actor: holds the model; ``prepare_rows`` arrays -> embedding rows (pyarrow), with
     the id columns and Ray Data's ``path`` (each row goes back to its input shard)."""
 
-    def __init__(self, state_ref: Any, float16: bool = False):
+    def __init__(self, state_ref: Any, float16: bool = False, cpu_threads: int = 1):
         import ray
 
         state = ray.get(state_ref) if isinstance(state_ref, ray.ObjectRef) else state_ref
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu":
+            # Ray sets one thread per reserved CPU, but CPU model actors reserve half the node (the
+            # rest reads Parquet) and would leave cores idle: each uses its share of all of them.
+            # 2 cores: 383 vs 298 particles/s with 1 thread (bench/RESULTS.md, archive scale)
+            torch.set_num_threads(cpu_threads)
         self.module = model_from_state(state, self.device)
         self.dtype = pa.float16() if float16 else pa.float32()
 
@@ -263,9 +268,8 @@ def embed(
         init_ray(address)
         gpus = ray.cluster_resources().get("GPU", 0)
         use_gpu = gpus > 0 if use_gpu is None else use_gpu
-        n_actors = actors or (
-            int(gpus) if use_gpu else max(1, int(ray.cluster_resources().get("CPU", 1)) // 2)
-        )
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        n_actors = actors or (int(gpus) if use_gpu else max(1, cpus // 2))
         ctx = ray.data.DataContext.get_current()
         keep_order = ctx.execution_options.preserve_order
         ctx.execution_options.preserve_order = True  # shards finish one after another: few open at once
@@ -283,7 +287,11 @@ def embed(
             )
             ds = ds.map_batches(
                 Embedder,
-                fn_constructor_kwargs={"state_ref": ray.put(state), "float16": float16},
+                fn_constructor_kwargs={
+                    "state_ref": ray.put(state),
+                    "float16": float16,
+                    "cpu_threads": max(1, cpus // n_actors),
+                },
                 batch_size=batch_size,
                 batch_format="numpy",
                 concurrency=n_actors,

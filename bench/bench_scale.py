@@ -130,8 +130,7 @@ def plain_embed(ckpt: Path, shards: list[Path]) -> int:
     """The baseline: the same model in this process, shard by shard, no Ray."""
     import torch
 
-    from xmodal.data.pipeline import COLUMNS
-    from xmodal.data.transforms import to_model_batch
+    from xmodal.data.pipeline import COLUMNS, table_to_model_batch
     from xmodal.eval.embed import embed_arrays, model_from_state
     from xmodal.train.checkpoint import load_checkpoint
 
@@ -142,9 +141,7 @@ def plain_embed(ckpt: Path, shards: list[Path]) -> int:
     n = 0
     for f in shards:
         for table in iter_tables(f, columns=COLUMNS, batch_rows=256):
-            cols = {c: table.column(c).to_numpy(zero_copy_only=False) for c in COLUMNS if c != "profile"}
-            cols["profile"] = table.column("profile").to_pylist()
-            batch = to_model_batch(cols, cfg.data.image_size, cfg.data.profile_length)
+            batch = table_to_model_batch(table, cfg.data.image_size, cfg.data.profile_length)
             embed_arrays(module, batch, device)
             n += table.num_rows
     return n
@@ -155,8 +152,8 @@ def quick_train(cfg: Any, shards: list[Path], steps: int, batch_rows: int, seed:
     to nearly one direction (pairwise cosine ~0.998), which no archive of a trained model looks like."""
     import torch
 
-    from xmodal.data.pipeline import COLUMNS
-    from xmodal.data.transforms import Augment, to_model_batch
+    from xmodal.data.pipeline import COLUMNS, table_to_model_batch
+    from xmodal.data.transforms import Augment
     from xmodal.eval.embed import MODEL_KEYS
     from xmodal.models.build import build_model
 
@@ -169,9 +166,7 @@ def quick_train(cfg: Any, shards: list[Path], steps: int, batch_rows: int, seed:
     while step < steps:
         for f in shards:
             for table in iter_tables(f, columns=COLUMNS, batch_rows=batch_rows):
-                cols = {c: table.column(c).to_numpy(zero_copy_only=False) for c in COLUMNS if c != "profile"}
-                cols["profile"] = table.column("profile").to_pylist()
-                batch = to_model_batch(cols, cfg.data.image_size, cfg.data.profile_length, aug, rng)
+                batch = table_to_model_batch(table, cfg.data.image_size, cfg.data.profile_length, aug, rng)
                 loss, _ = module({k: torch.as_tensor(batch[k]).to(device) for k in MODEL_KEYS})
                 opt.zero_grad()
                 loss.backward()

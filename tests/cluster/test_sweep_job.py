@@ -53,7 +53,18 @@ def test_sweep_job_runs_on_the_cluster(head, tiny_data, tmp_path, faults):
         pytest.skip("`xmodal tune` is not a CLI command in this checkout")
     space, sweeps = tmp_path / "space.yaml", tmp_path / "sweeps"
     write_space(space, tiny_data)
-    cmd = ["python", "-m", "xmodal", "tune", "--space", str(space), "--name", "s", "--storage-path", str(sweeps)]
+    cmd = [
+        "python",
+        "-m",
+        "xmodal",
+        "tune",
+        "--space",
+        str(space),
+        "--name",
+        "s",
+        "--storage-path",
+        str(sweeps),
+    ]
     logs = head.wait_succeeded(head.submit("sweep", *cmd))
     assert "best trial:      0 " in logs, logs[-5000:]
     assert faults.epoch_records(sweeps / "s" / "runs" / "trial-0000") == [EPOCHS]

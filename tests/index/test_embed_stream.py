@@ -10,9 +10,8 @@ import pytest
 import torch
 
 from xmodal.config import load_config
-from xmodal.data.pipeline import COLUMNS
+from xmodal.data.pipeline import table_to_model_batch
 from xmodal.data.synth import synthesize
-from xmodal.data.transforms import to_model_batch
 from xmodal.eval import embed as embed_mod
 from xmodal.eval.embed import embed, embed_arrays, model_from_state
 from xmodal.eval.embeddings import load_embeddings
@@ -45,9 +44,7 @@ def archive(tmp_path_factory):
 def _in_process(ckpt, shard) -> dict[str, np.ndarray]:
     state = load_checkpoint(ckpt)
     table = pq.read_table(shard)
-    cols = {c: table.column(c).to_numpy(zero_copy_only=False) for c in COLUMNS if c != "profile"}
-    cols["profile"] = table.column("profile").to_pylist()
-    batch = to_model_batch(cols, 24, 32)
+    batch = table_to_model_batch(table, 24, 32)
     return embed_arrays(model_from_state(state, torch.device("cpu")), batch, torch.device("cpu"))
 
 

@@ -151,7 +151,9 @@ def test_driver_killed_then_worker_killed_resumes_then_embeds_and_benchmarks(
     lab = load_labelled(str(tiny_data / "LAB"), cfg.data.image_size, cfg.data.profile_length)
     cpu = torch.device("cpu")
     for tag, st in (("trained", load_checkpoint(newest)), ("random", random_state)):
-        write_embeddings(embedding_set(lab, embed_arrays(model_from_state(st, cpu), lab, cpu)), tmp_path / f"emb_{tag}")
+        write_embeddings(
+            embedding_set(lab, embed_arrays(model_from_state(st, cpu), lab, cpu)), tmp_path / f"emb_{tag}"
+        )
     trained = load_embeddings(tmp_path / "emb_trained")
     assert len(trained) == 300 and trained.image_emb.shape[1] == 32
     np.testing.assert_allclose(np.linalg.norm(trained.image_emb, axis=1), 1, atol=1e-4)

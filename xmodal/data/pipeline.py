@@ -46,6 +46,19 @@ def preprocess_batch(
     return to_model_batch(batch, image_size, profile_length, augment, rng)
 
 
+def table_to_model_batch(
+    table: Any,
+    image_size: int,
+    profile_length: int,
+    augment: Augment | None = None,
+    rng: np.random.Generator | None = None,
+) -> dict[str, np.ndarray]:
+    """Parquet rows (a pyarrow table holding ``COLUMNS``) -> model arrays, in-process."""
+    cols = {c: table.column(c).to_numpy(zero_copy_only=False) for c in COLUMNS if c != "profile"}
+    cols["profile"] = table.column("profile").to_pylist()
+    return to_model_batch(cols, image_size, profile_length, augment, rng)
+
+
 def paired_only(batch: dict[str, Any]) -> dict[str, Any]:
     """Pretraining needs both modalities; profile-only / image-only rows are for embedding."""
     keep = np.asarray(batch["has_image"], bool) & np.asarray(batch["has_profile"], bool)
@@ -111,10 +124,9 @@ def load_labelled(
             rank[j] = seen.get(lab, 0)
             seen[lab] = rank[j] + 1
         idx = np.sort(idx[np.argsort(rank, kind="stable")[:max_particles]])
-    cols = {c: table.column(c).take(idx).to_numpy(zero_copy_only=False) for c in COLUMNS}
-    cols["profile"] = table.column("profile").take(idx).to_pylist()
-    batch = to_model_batch(cols, image_size, profile_length)
+    table = table.take(idx)
+    batch = table_to_model_batch(table, image_size, profile_length)
     batch["label"] = labels[idx]
-    batch["particle_id"] = np.asarray(cols["particle_id"], dtype=object)
-    batch["domain"] = table.column("domain").take(idx).to_numpy(zero_copy_only=False)
+    batch["particle_id"] = np.asarray(table.column("particle_id").to_pylist(), dtype=object)
+    batch["domain"] = table.column("domain").to_numpy(zero_copy_only=False)
     return batch

@@ -16,9 +16,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from xmodal.data.pipeline import COLUMNS, read_parquet
+from xmodal.data.pipeline import COLUMNS, read_parquet, table_to_model_batch
 from xmodal.data.schema import parquet_files
-from xmodal.data.transforms import to_model_batch
 from xmodal.eval.embeddings import EmbeddingSet
 from xmodal.eval.progress import ProgressLog
 
@@ -78,9 +77,7 @@ def prepare_rows(table: pa.Table, image_size: int, profile_length: int) -> dict[
     """Ray Data CPU task: Parquet rows -> model arrays (decode, resize, profile normalisation) plus
     the id columns. Kept out of the model actors so that decoding runs on every CPU of the cluster
     in parallel while the actors (one per GPU) only run the model."""
-    cols = {c: table.column(c).to_numpy(zero_copy_only=False) for c in COLUMNS if c != "profile"}
-    cols["profile"] = table.column("profile").to_pylist()
-    batch = to_model_batch(cols, image_size, profile_length)
+    batch = table_to_model_batch(table, image_size, profile_length)
     out = {k: batch[k] for k in MODEL_KEYS}
     for c in KEEP:
         # Ray Data turns an all-null object column into floats on the way to the actor: ship the

@@ -39,6 +39,11 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+# torch 2.14 renamed all_gather_into_tensor (deprecated there, with a warning on every call, i.e.
+# every training step); older torch (e.g. 2.11 on GPU images) only has the old name.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 class _AllGatherSum(torch.autograd.Function):
     """all_gather forward; backward = the sum over ranks of the gradient for this rank's rows.
 
@@ -53,7 +58,7 @@ class _AllGatherSum(torch.autograd.Function):
         ctx.rows = x.shape[0]  # type: ignore[attr-defined]
         ctx.rank = dist.get_rank()  # type: ignore[attr-defined]
         out = x.new_empty((world_size * x.shape[0], *x.shape[1:]))
-        dist.all_gather_into_tensor(out, x.contiguous())
+        _all_gather_single(out, x.contiguous())
         return out
 
     @staticmethod

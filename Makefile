@@ -6,7 +6,7 @@ EXTRAS  ?= cpu,dev
 DEMO    ?= demo_out
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install demo test test-fast bench lint clean
+.PHONY: install demo test test-fast bench lint clean bytecode
 
 install: $(VENV)/.installed
 
@@ -16,8 +16,13 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -e '.[$(EXTRAS)]'
 	touch $@
 
+# Every Ray worker process imports xmodal; where PYTHONDONTWRITEBYTECODE is set (as on this machine)
+# each of them would compile it again. Compiled once here, they read the cached bytecode.
+bytecode: install
+	$(BIN)/python -m compileall -q xmodal
+
 # The main job end to end on local Ray: synthetic data -> Parquet -> pretraining -> embeddings -> gallery k-NN table.
-demo: install
+demo: bytecode
 	rm -rf $(DEMO)
 	$(BIN)/xmodal synth $(DEMO)/raw --lab 1200 --sea 600 --uto 4000 --seed 0 --image-size 64
 	$(BIN)/xmodal ingest $(DEMO)/raw $(DEMO)/data
@@ -27,10 +32,10 @@ demo: install
 	$(BIN)/xmodal benchmark --embeddings $(DEMO)/emb/LAB --out $(DEMO)/benchmark --combos I-I P-P I+P-I+P I-P P-I
 	@echo "run folder: $(DEMO)/runs/demo   results: $(DEMO)/benchmark/results.md"
 
-test: install
+test: bytecode
 	$(BIN)/python -m pytest -q --timeout=900 tests
 
-test-fast: install
+test-fast: bytecode
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
 bench: install

@@ -17,6 +17,9 @@ os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
 # Ray Train's controller polls its workers every 2 s, so each run's start and end wait up to a tick;
 # tests run ~15 tiny runs. A missed poll is only an error after 10 min of them.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# Ray Train starts a PreemptionWatcher actor per worker group (~3 s of CPU to boot a process); the
+# test clusters run on one machine that is never preempted, and the suite starts ~16 worker groups.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 # Local test clusters only: token auth off so subprocess drivers (the CLI) can join the session cluster.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 REPO = Path(__file__).resolve().parents[1]

@@ -5,10 +5,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from xmodal.data.readers.validate import ReaderOptions, check_image
 from xmodal.data.schema import LOG_NORM, N_CHANNELS, SATURATION_MV
 from xmodal.data.transforms import (
     CURVATURE,
     Augment,
+    decode_gray,
     images_to_array,
     normalise_profile,
     resample,
@@ -33,6 +35,26 @@ def test_resize_and_pad_keeps_aspect_and_pads_with_edges():
     # 40 -> 32 wide, 20 -> 16 high, padded 8 rows above and below with the edge rows
     assert (out[:8] == out[8]).all() and (out[-8:] == out[-9]).all()
     assert abs(int(out[8, 16]) - 200) < 40 and abs(int(out[-9, 16]) - 100) < 40
+
+
+def test_16_bit_images_are_scaled_not_clipped_and_ingest_agrees():
+    # a dim background with a bright object, stored as a 16-bit PNG (PIL's convert("L") would clip
+    # every value above 255 to white: the whole image)
+    rng = np.random.default_rng(0)
+    a8 = rng.integers(20, 40, (48, 64)).astype(np.uint8)
+    a8[16:32, 20:44] = 220
+    a16 = a8.astype(np.uint16) * 257  # the same picture on the 16-bit scale
+    b16 = io.BytesIO()
+    Image.fromarray(a16).save(b16, format="PNG")
+    assert Image.open(io.BytesIO(b16.getvalue())).mode.startswith("I")
+    np.testing.assert_array_equal(decode_gray(b16.getvalue()), a8)
+    np.testing.assert_array_equal(decode_gray(png(a8)), a8)
+    # the ingest check sees the same object as in the 8-bit file (not an empty or saturated crop)
+    assert check_image(b16.getvalue(), ReaderOptions())[1] == (48, 64)
+    flat16 = io.BytesIO()
+    Image.fromarray(np.full((48, 64), 40000, np.uint16)).save(flat16, format="PNG")
+    with pytest.raises(Exception, match="no object"):
+        check_image(flat16.getvalue(), ReaderOptions())
 
 
 def test_images_to_array_range_and_missing_rows():

@@ -46,12 +46,25 @@ class Augment:
         return cls(**{k: getattr(cfg, k) for k in cls.__dataclass_fields__})
 
 
+_WIDE_INT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+
+
+def to_gray8(im: Image.Image) -> Image.Image:
+    """Any PIL image -> 8-bit luminance ("L"). 16-bit (and 32-bit integer) grayscale is scaled from
+    the full 0-65535 range: PIL's own ``convert("L")`` clips it at 255, which turns a 16-bit
+    camera image into a white square."""
+    if im.mode in _WIDE_INT_MODES:
+        a = np.asarray(im, dtype=np.float32) / 257.0
+        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
+    return im if im.mode == "L" else im.convert("L")
+
+
 def decode_gray(data: bytes) -> np.ndarray:
     """Encoded image bytes -> uint8 (H, W). Colour images are converted to luminance."""
     with Image.open(io.BytesIO(data)) as im:
         if im.width * im.height > MAX_IMAGE_PIXELS:
             raise ValueError(f"image of {im.width}x{im.height} px exceeds the {MAX_IMAGE_PIXELS} px limit")
-        return np.asarray(im.convert("L"))
+        return np.asarray(to_gray8(im))
 
 
 def resize_and_pad(img: np.ndarray, size: int) -> np.ndarray:

@@ -24,6 +24,7 @@ from PIL import Image, ImageChops, ImageFilter
 
 from xmodal.data.channels import ChannelMap
 from xmodal.data.quarantine import Rejected
+from xmodal.data.transforms import to_gray8
 
 DEFAULT_MAX_PIXELS = 4096 * 4096  # real CytoSense crops are <= 1280x400; full frames 1936x1464
 DEFAULT_EMPTY_CONTRAST = 24.0  # gray levels (0-255), see the module docstring
@@ -65,13 +66,6 @@ def set_pil_pixel_limit(max_pixels: int) -> None:
     """Process-wide variant of ``pil_pixel_limit`` for ingest worker processes."""
     Image.MAX_IMAGE_PIXELS = max_pixels
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-
-
-def _gray8(im: Image.Image) -> Image.Image:
-    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-        a = np.asarray(im, dtype=np.float32) / 257.0
-        return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
-    return im if im.mode == "L" else im.convert("L")
 
 
 def image_contrast(gray: Image.Image) -> int:
@@ -124,7 +118,7 @@ def check_image(
                 f"image height {h} px leaves nothing after the {opts.crop_header_px}-px header crop",
             )
         im, h, cropped = im.crop((0, opts.crop_header_px, w, h)), h - opts.crop_header_px, True
-    contrast = image_contrast(_gray8(im))
+    contrast = image_contrast(to_gray8(im))
     if contrast < opts.empty_contrast:
         raise Rejected(
             "empty_image",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -132,3 +134,23 @@ def test_format_detection(rd: SimpleNamespace, realdata: Path, tmp_path: Path) -
         detect_format(tmp_path / "absent")
     with pytest.raises(DataError, match="unknown format 'tiff'"):
         ingest(tmp_path, tmp_path / "out", fmt="tiff", quiet=True)
+
+
+def test_annotations_with_semicolons_and_a_label_column_read_the_same(
+    rd: SimpleNamespace, tmp_path: Path
+) -> None:
+    from xmodal.data.synth import synthesize
+
+    synthesize(tmp_path / "syn", n_lab=24, n_sea=0, n_uto=0, seed=3, fmt="syke", image_size=24)
+    lab = tmp_path / "syn" / "LAB"
+    _, expected = rd.run(lab, tmp_path / "a")
+    rows = list(csv.reader(io.StringIO((lab / "annotations.csv").read_text())))
+    header = ["Label" if h == "class" else h.capitalize() for h in rows[0]]
+    with open(lab / "annotations.csv", "w", newline="", encoding="utf-8-sig") as f:
+        csv.writer(f, delimiter=";").writerows([header, *rows[1:]])
+    report, got = rd.run(lab, tmp_path / "b")
+    assert report.quarantined == 0 and len(got) == len(expected) == 24
+    assert {k: (r["label"], r["profile"]) for k, r in got.items()} == {
+        k: (r["label"], r["profile"]) for k, r in expected.items()
+    }
+    assert len({r["label"] for r in got.values()}) > 1

@@ -1,5 +1,6 @@
 """SYKE-plankton_CytoSense layout: ``annotations.csv`` (``image,profile,class[,particle_id]``, paths
-relative to the folder), ``images/``, ``profiles/`` (one CSV per particle: a header naming the
+relative to the folder; ``;`` or tab separators and a ``label`` column for ``class`` are accepted;
+header names compare case- and space-insensitively), ``images/``, ``profiles/`` (one CSV per particle: a header naming the
 channels, then L rows x C columns in mV).
 
 One annotation row is one particle. Annotation-level problems (wrong field count, a repeated
@@ -30,6 +31,7 @@ from xmodal.data.schema import CHANNELS, make_record
 ANNOTATIONS = "annotations.csv"
 UNLABELLED = {"", "unlabelled", "unlabeled"}
 ROWS_PER_TASK = 256
+ANNOTATION_SEPARATORS = (",", ";", "\t")  # ties (a one-column header) go to ","
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,10 @@ def find_sources(src: Path) -> list[tuple[str, Path]]:
 def read_annotations(layout: Path, source: str) -> tuple[list[Row], list[QuarantineEntry]]:
     path = layout / ANNOTATIONS
     text = path.read_bytes().decode("utf-8-sig", errors="replace")
-    reader = csv.reader(io.StringIO(text))
+    # spreadsheets in decimal-comma locales save CSV with ';' (and some tools with tabs): the
+    # separator is the one that splits the header line most
+    sep = max(ANNOTATION_SEPARATORS, key=text.partition("\n")[0].count)
+    reader = csv.reader(io.StringIO(text), delimiter=sep)
     header = [normalize_name(h) for h in next(reader, [])]
     missing = [c for c in ("image", "profile") if c not in header]
     if missing:
@@ -62,6 +67,8 @@ def read_annotations(layout: Path, source: str) -> tuple[list[Row], list[Quarant
             f"{path}: header {header} lacks column(s) {missing}; expected image,profile,class[,particle_id]"
         )
     col = {name: header.index(name) for name in ("image", "profile", "class", "particleid") if name in header}
+    if "class" not in col and "label" in header:
+        col["class"] = header.index("label")
     rows: list[Row] = []
     bad: list[QuarantineEntry] = []
     first_line: dict[str, int] = {}

@@ -9,9 +9,10 @@ FAISS index -> search -> ``classify``, at N particles and, for the vector stages
 * embed: N/10 and N particles with that model through ``xmodal.eval.embed.embed``
   (rate and peak RSS at both sizes: time should grow ~linearly, memory stay flat), against a plain
   in-process loop (``embed_arrays`` batch by batch, no Ray) on the first shard as the baseline;
-* replicate: the N embeddings copied to SCALE particles with new ids, each copy moved by noise as
-  large as the median distance to a particle's 10th neighbour (exact duplicates would tie, and
-  smaller noise would make each particle's own copies its whole neighbour list);
+* replicate (only when SCALE > N): the N embeddings copied to SCALE particles with new ids, each copy
+  moved by noise as large as the median distance to a particle's 10th neighbour (exact duplicates
+  would tie, and smaller noise would make each particle's own copies its whole neighbour list); with
+  ``--particles 1000000`` the real 1M embeddings are the archive;
 * index: ``build_index`` (fused: two rows per particle) at N (default plan: exact; and IVF forced,
   for the growth) and SCALE (IVF): build time, recall@10 against exact search on held-out rows,
   peak RSS;
@@ -25,6 +26,7 @@ cluster's raylet and workers); "driver" is this process alone.
     .venv/bin/python bench/bench_scale.py --work /tmp/xmodal_scale              # recorded run
     .venv/bin/python bench/bench_scale.py --work /tmp/xmodal_scale --vectors-only  # stages 4-6 again
     .venv/bin/python bench/bench_scale.py --work /tmp/x --particles 20000 --scale 100000  # quick
+    .venv/bin/python bench/bench_scale.py --work /tmp/xmodal_1m --particles 1000000  # real 1M (~55 min)
 """
 
 from __future__ import annotations
@@ -316,18 +318,19 @@ def embed_stages(args: argparse.Namespace, work: Path, report) -> None:
 def vector_stages(args: argparse.Namespace, work: Path, report) -> None:
     """Replicate to SCALE, index at N (exact, and IVF for the growth) and SCALE, search, classify."""
     n = args.particles
-    big = work / "emb_scale"
     copies = max(1, args.scale // n)
-    if not big.exists() or args.replicate:
+    big = work / ("emb_scale" if copies > 1 else "emb_embed")  # SCALE <= N: the real embeddings
+    if copies > 1 and (not big.exists() or args.replicate):
         shutil.rmtree(big, ignore_errors=True)
         noise = tenth_neighbour_distance(work / "emb_embed", 1000, args.seed)
         _, dt, _ = timed(replicate, work / "emb_embed", big, copies, noise, args.seed)
         report("replicate", particles=copies * n, noise=round(noise, 4), seconds=round(dt, 1))
-    stages = (
+    stages = [
         ("index", work / "emb_embed", n, BuildOptions(kind="fused", seed=args.seed)),
         ("index_ivf", work / "emb_embed", n, BuildOptions(kind="fused", exact_max=0, seed=args.seed)),
-        ("index_scale", big, copies * n, BuildOptions(kind="fused", seed=args.seed)),
-    )
+    ]
+    if copies > 1:
+        stages.append(("index_scale", big, copies * n, BuildOptions(kind="fused", seed=args.seed)))
     for name, emb, count, options in stages:
         meta, dt, rss = timed(build_index, emb, work / name, options)
         report(
@@ -342,7 +345,8 @@ def vector_stages(args: argparse.Namespace, work: Path, report) -> None:
             **rss,
         )
     report("search_ivf", **search_speed(work / "index_ivf", work / "emb_embed", args.queries, args.seed))
-    report("search_scale", **search_speed(work / "index_scale", big, args.queries, args.seed))
+    scale_index = work / ("index_scale" if copies > 1 else "index")
+    report("search_scale", **search_speed(scale_index, big, args.queries, args.seed))
     summary, dt, rss = timed(classify, work / "emb_gallery", big, work / "classify", k=3)
     report(
         "classify_scale",

@@ -319,7 +319,10 @@ def vector_stages(args: argparse.Namespace, work: Path, report) -> None:
     """Replicate to SCALE, index at N (exact, and IVF for the growth) and SCALE, search, classify."""
     n = args.particles
     copies = max(1, args.scale // n)
-    big = work / ("emb_scale" if copies > 1 else "emb_embed")  # SCALE <= N: the real embeddings
+    # SCALE <= N: the real embeddings are the archive, and the N index is its index
+    big, scale_index = (
+        (work / "emb_scale", work / "index_scale") if copies > 1 else (work / "emb_embed", work / "index")
+    )
     if copies > 1 and (not big.exists() or args.replicate):
         shutil.rmtree(big, ignore_errors=True)
         noise = tenth_neighbour_distance(work / "emb_embed", 1000, args.seed)
@@ -330,7 +333,7 @@ def vector_stages(args: argparse.Namespace, work: Path, report) -> None:
         ("index_ivf", work / "emb_embed", n, BuildOptions(kind="fused", exact_max=0, seed=args.seed)),
     ]
     if copies > 1:
-        stages.append(("index_scale", big, copies * n, BuildOptions(kind="fused", seed=args.seed)))
+        stages.append((scale_index.name, big, copies * n, BuildOptions(kind="fused", seed=args.seed)))
     for name, emb, count, options in stages:
         meta, dt, rss = timed(build_index, emb, work / name, options)
         report(
@@ -345,7 +348,6 @@ def vector_stages(args: argparse.Namespace, work: Path, report) -> None:
             **rss,
         )
     report("search_ivf", **search_speed(work / "index_ivf", work / "emb_embed", args.queries, args.seed))
-    scale_index = work / ("index_scale" if copies > 1 else "index")
     report("search_scale", **search_speed(scale_index, big, args.queries, args.seed))
     summary, dt, rss = timed(classify, work / "emb_gallery", big, work / "classify", k=3)
     report(

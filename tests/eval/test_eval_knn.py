@@ -16,7 +16,7 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 
 def _check_all_paths(ev, gallery, labels, queries, k, n_classes) -> np.ndarray:
-    fast = knn_predict(gallery, labels, queries, k, n_classes)
+    fast = knn.knn_predict(gallery, labels, queries, k, n_classes)
     slow = exact_predict(gallery, labels, queries, k, n_classes)
     e, e_labels = ev.entries(gallery, labels)
     by_numpy = ev.reference_predict(
@@ -31,16 +31,37 @@ def _check_all_paths(ev, gallery, labels, queries, k, n_classes) -> np.ndarray:
     return fast
 
 
+def _count_float64_work(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[int]]:
+    """Query rows the FAISS path hands to float64, per call, while ``knn.knn_predict`` runs:
+    re-ranked over the shortlist (``_rerank``), brute-forced (``exact_search``), and all float64
+    similarity work (``_dots``: the re-ranks and the re-votes)."""
+    rows: dict[str, list[int]] = {"_rerank": [], "exact_search": [], "_dots": []}
+    active = [False]
+    for name in rows:
+        original = getattr(knn, name)
+
+        def counting(gallery, queries, *args, _name=name, _original=original):
+            if active[0]:
+                rows[_name].append(len(queries))
+            return _original(gallery, queries, *args)
+
+        monkeypatch.setattr(knn, name, counting)
+    predict = knn.knn_predict
+
+    def fast_path(*args, **kwargs):
+        active[0] = True
+        try:
+            return predict(*args, **kwargs)
+        finally:
+            active[0] = False
+
+    monkeypatch.setattr(knn, "knn_predict", fast_path)
+    return rows
+
+
 @pytest.mark.parametrize("k", [1, 3, 5])
 def test_random_data_all_combinations(ev, k: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    refined_rows = []
-    rerank, brute = knn._rerank, knn.exact_predict
-    monkeypatch.setattr(knn, "_rerank", lambda g, q, *a: refined_rows.append(len(q)) or rerank(g, q, *a))
-    monkeypatch.setattr(
-        knn,
-        "exact_predict",
-        lambda g, labels, q, *a: refined_rows.append(len(next(iter(q.values())))) or brute(g, labels, q, *a),
-    )
+    work = _count_float64_work(monkeypatch)
     rng = np.random.default_rng(k)
     n_classes, g, q, d = 5, 30, 150, 24
     labels = rng.integers(0, n_classes, g)
@@ -52,7 +73,8 @@ def test_random_data_all_combinations(ev, k: int, monkeypatch: pytest.MonkeyPatc
         gm, qm = parse_combo(combo)
         pred = _check_all_paths(ev, {m: gal[m] for m in gm}, labels, {m: qry[m] for m in qm}, k, n_classes)
         assert (pred == yq).mean() > 1.5 / n_classes  # the data carry signal, so the test is not vacuous
-    assert sum(refined_rows) < 0.1 * q * len(COMBOS)  # FAISS decides most rows; float64 only the doubtful
+    # FAISS decides most rows; float64 only the doubtful.
+    assert sum(work["_dots"]) + sum(work["exact_search"]) < 0.1 * q * len(COMBOS)
 
 
 def test_tied_data_all_combinations(ev, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -65,22 +87,15 @@ def test_tied_data_all_combinations(ev, monkeypatch: pytest.MonkeyPatch) -> None
     gal = {m: _unit(pool[rng.integers(0, 6, g)]) for m in ("image", "profile")}
     queries = np.concatenate([pool[rng.integers(0, 6, 60)], rng.choice([-1.0, 1.0], size=(60, 16))])
     qry = {"image": _unit(queries), "profile": _unit(queries[::-1].copy())}
-    calls = {"_rerank": 0, "exact_predict": 0}
-    for name in calls:
-        original = getattr(knn, name)
-
-        def counting(*args, _name=name, _original=original):
-            calls[_name] += 1
-            return _original(*args)
-
-        monkeypatch.setattr(knn, name, counting)
+    work = _count_float64_work(monkeypatch)
     for k in (1, 3, 4):
         for combo in COMBOS:
             gm, qm = parse_combo(combo)
             _check_all_paths(ev, {m: gal[m] for m in gm}, labels, {m: qry[m] for m in qm}, k, n_classes)
     # Tied rows went through both float64 paths: the shortlist re-rank and, for tie groups longer
     # than the shortlist, brute force.
-    assert calls["_rerank"] > 0 and calls["exact_predict"] > 0
+    assert work["_rerank"] and work["exact_search"]
+    assert len(work["_dots"]) > len(work["_rerank"])  # and votes taken again over float64 similarities
 
 
 def test_exact_match_takes_the_vote() -> None:

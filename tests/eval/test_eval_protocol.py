@@ -118,6 +118,50 @@ def test_predictions_and_metrics_match_independent_computations(ev) -> None:
         assert recall[code["class05"]] == 0.0  # never in the gallery, never predicted
 
 
+@pytest.mark.parametrize("mode", ["single", "split"])
+def test_tied_data_with_missing_modalities_match_the_reference(ev, mode: str) -> None:
+    """The protocol shares one top-k per gallery, query modality and k between combinations and
+    takes subsets of it (a cell's queries lack its gallery, or a modality): on tied data (sign
+    vectors, similarities exact multiples of 1/16, duplicates across classes) with particles
+    missing one modality, every prediction equals the loop-based reference."""
+    rng = np.random.default_rng(11)
+    pool = rng.choice([-1.0, 1.0], size=(8, 16))
+
+    def tied_set(n: int, seed: int) -> EmbeddingSet:
+        r = np.random.default_rng(seed)
+        image_ok, profile_ok = r.random(n) > 0.15, r.random(n) > 0.15
+        image_ok[~profile_ok] = True  # every particle has at least one modality
+        return EmbeddingSet(
+            particle_id=np.array([f"{seed}:{i}" for i in range(n)], dtype=object),
+            label=np.array([f"class{c}" for c in r.integers(0, 4, n)], dtype=object),
+            domain=np.full(n, "LAB", dtype=object),
+            image_emb=pool[r.integers(0, 8, n)],
+            image_valid=image_ok,
+            profile_emb=pool[r.integers(0, 8, n)],
+            profile_valid=profile_ok,
+        )
+
+    gallery = tied_set(80, 1)
+    queries = None if mode == "single" else tied_set(60, 2)
+    qset = gallery if queries is None else queries
+    result = run_protocol(
+        gallery, queries, COMBOS, [1, 3], [1, 3], 2, seed=3, progress=False, keep_predictions=True
+    )
+    code = {c: i for i, c in enumerate(result.classes)}
+    checked = 0
+    for (combo, _n, k), cell in result.cells.items():
+        gm, qm = parse_combo(combo)
+        for run in cell.predictions:
+            g, q = run["gallery"], run["queries"]
+            assert all(gallery.valid(m)[g].all() for m in gm) and all(qset.valid(m)[q].all() for m in qm)
+            gl = np.array([code[c] for c in gallery.label[g]])
+            e, e_labels = ev.entries({m: gallery.emb(m)[g] for m in gm}, gl)
+            dists = [ev.numpy_distances(e, qset.emb(m)[q]) for m in qm]
+            np.testing.assert_array_equal(run["pred"], ev.reference_predict(dists, e_labels, k, len(code)))
+            checked += len(q)
+    assert checked > 1000
+
+
 def test_missing_modalities_are_excluded_and_counted(ev) -> None:
     es = ev.make_set(200, 4, seed=4)
     no_profile = np.zeros(len(es), bool)

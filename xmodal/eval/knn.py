@@ -17,15 +17,17 @@ Ties, deterministic (the authors leave the first to ``argpartition`` and the sec
   callers encode classes in sorted name order, so that is the alphabetically first class.
 
 Predictions are those of exact float64 arithmetic. FAISS searches float32 copies (fast) for a
-shortlist a few entries longer than k. A query whose float32 neighbour set or vote could differ from
-the float64 one within a proven rounding bound (``similarity_tolerance``) is re-ranked in float64:
-over its shortlist when that provably holds every contender, else by brute force (``exact_search``).
-On random embeddings that is about 1% of queries; on tied data it is the tied queries.
+shortlist a few entries longer than k. A query whose float32 neighbour set could differ from the
+float64 one within a proven rounding bound (``similarity_tolerance``) is re-ranked in float64: over
+its shortlist when that provably holds every contender, else by brute force (``exact_search``). A
+query whose vote could swing within the bound is voted again over float64 similarities. On random
+embeddings that is under 1% of queries; on tied data it is the tied queries.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import faiss
 import numpy as np
@@ -41,15 +43,16 @@ Shortlist = tuple[np.ndarray, np.ndarray]  # (similarities (Q, m) descending, ga
 
 def l2_normalize(x: np.ndarray, what: str = "embeddings") -> np.ndarray:
     """Rows scaled to unit length, float64. A zero row has no direction, so it is an error."""
-    x64 = np.asarray(x, dtype=np.float64)
-    norms = np.linalg.norm(x64, axis=1, keepdims=True)
+    x64 = np.array(x, dtype=np.float64)  # a copy, scaled in place below
+    norms = np.sqrt(np.einsum("ij,ij->i", x64, x64))[:, None]
     zero = norms[:, 0] == 0
     if zero.any():
         raise ValueError(
             f"{what}: {int(zero.sum())} rows have zero norm (first at row {int(np.argmax(zero))}); "
             "cosine similarity is undefined for them - mark them invalid instead"
         )
-    return x64 / norms
+    x64 /= norms
+    return x64
 
 
 def use_gpu() -> bool:
@@ -100,51 +103,140 @@ def shortlist_width(k: int, gallery_size: int) -> int:
     return min(k + 1 + SHORTLIST_EXTRA, gallery_size)
 
 
-def top_of_union(
-    parts: list[Shortlist], offsets: list[int], k: int
-) -> tuple[Shortlist, np.ndarray, np.ndarray, np.ndarray]:
-    """Shortlists over disjoint galleries (part j's indices shifted by ``offsets[j]``), each sorted
-    by similarity, joined: returns (all listed (sims, idx) unsorted, the k most similar entries'
-    columns (Q, k) in any order, the k-th and (k+1)-th largest similarity (-inf if absent))."""
-    sims = np.concatenate([p[0] for p in parts], axis=1).astype(np.float64)
-    idx = np.concatenate([p[1] + off for p, off in zip(parts, offsets)], axis=1)
-    width = sims.shape[1]
-    if len(parts) == 1:  # FAISS returns a part sorted: no selection needed
-        order = np.broadcast_to(np.arange(min(k + 1, width)), (len(sims), min(k + 1, width)))
-    else:  # only the k-th and (k+1)-th places matter; the order inside the top k does not
-        order = np.argpartition(-sims, [k - 1, k] if width > k else [k - 1], axis=1)
-    kth = sims[np.arange(len(sims)), order[:, k - 1]]
-    after = sims[np.arange(len(sims)), order[:, k]] if width > k else np.full(len(sims), -np.inf)
-    return (sims, idx), order[:, :k], kth, after
+@dataclass
+class Nearest:
+    """The k nearest entries of a gallery (one modality, or both joined) for queries of one
+    modality. The set is the float64 one: rows where float32 FAISS could have ranked otherwise
+    were re-ranked in float64 (``exact``); for the others only the similarities are float32."""
+
+    sims: np.ndarray  # (Q, k) similarities as float64, in any order
+    idx: np.ndarray  # (Q, k) entries of the joined gallery
+    exact: np.ndarray  # (Q,) sims are float64 values (else float32 ones)
+
+    def take(self, pos: np.ndarray) -> Nearest:
+        """The same for a subset of the queries (positions into this one)."""
+        return Nearest(self.sims[pos], self.idx[pos], self.exact[pos])
+
+
+def nearest(
+    parts: list[Shortlist], gallery_all: np.ndarray, queries: np.ndarray, rows: np.ndarray, k: int, tol: float
+) -> Nearest:
+    """Top ``k`` of a joined gallery ``gallery_all`` (float64; part j of ``parts`` lists entries
+    j * G ... of it) for the query rows ``rows`` of ``queries`` (float64), from FAISS shortlists
+    sorted by similarity, one per part, row i for query rows[i]."""
+    g = len(gallery_all) // len(parts)
+    offsets = [j * g for j in range(len(parts))]
+    # The union's k+1 most similar entries are among the first k+1 of each sorted part.
+    heads = [(p[0][:, : k + 1], p[1][:, : k + 1] + off) for p, off in zip(parts, offsets)]
+    sims = np.concatenate([h[0] for h in heads], axis=1).astype(np.float64)
+    idx = np.concatenate([h[1] for h in heads], axis=1)
+    if len(parts) > 1:  # only the k-th and (k+1)-th places matter; the order inside the top k does not
+        order = np.argpartition(-sims, [k - 1, k] if sims.shape[1] > k else [k - 1], axis=1)
+        sims, idx = np.take_along_axis(sims, order, axis=1), np.take_along_axis(idx, order, axis=1)
+    kth = sims[:, k - 1]
+    exact = np.zeros(len(sims), dtype=bool)
+    if sims.shape[1] <= k:  # the whole gallery is listed: the set is certain
+        return Nearest(sims[:, :k], idx[:, :k], exact)
+    doubtful = np.flatnonzero(kth - sims[:, k] <= 2 * tol)
+    sims, idx = sims[:, :k], idx[:, :k]
+    if len(doubtful):
+        contained = np.ones(len(doubtful), dtype=bool)
+        short = [p[0][doubtful, -1] for p in parts if p[0].shape[1] < g]
+        if short:  # unlisted entries are at most as similar (float32) as their part's last listed one
+            contained = kth[doubtful] - np.max(short, axis=0).astype(np.float64) > 2 * tol
+        listed = doubtful[contained]
+        if len(listed):  # re-rank the listed entries in float64
+            every = np.concatenate([p[1][listed] + off for p, off in zip(parts, offsets)], axis=1)
+            sims[listed], idx[listed] = _rerank(gallery_all, queries[rows[listed]], every, k)
+        brute = doubtful[~contained]
+        if len(brute):  # the contested group runs past the shortlist
+            sims[brute], idx[brute] = exact_search(gallery_all, queries[rows[brute]], k)
+        exact[doubtful] = True
+    return Nearest(sims, idx, exact)
 
 
 def vote(labels: np.ndarray, distances: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """The paper's weighted vote. ``labels`` (Q, M) class codes of the neighbours, ``distances``
     (Q, M). Returns (predicted code (Q,), vote totals (Q, n_classes))."""
-    q, m = labels.shape
+    votes = _tally(labels, distances, n_classes)
+    return _winner(votes)[0], votes
+
+
+def _tally(labels: np.ndarray, distances: np.ndarray, n_classes: int) -> np.ndarray:
+    """Vote totals (Q, n_classes): weight 1 / distance, or only the exact matches, one vote each."""
+    q = len(labels)
     exact = distances <= EXACT_DISTANCE
-    has_exact = exact.any(axis=1, keepdims=True)
     with np.errstate(divide="ignore"):
-        weights = np.where(has_exact, exact.astype(np.float64), 1.0 / distances)
-    flat = (np.arange(q)[:, None] * n_classes + labels).ravel()
-    votes = np.bincount(flat, weights=weights.ravel(), minlength=q * n_classes).reshape(q, n_classes)
-    top = votes.max(axis=1, keepdims=True)
-    pred = np.argmax(votes >= top * (1.0 - TIE_RTOL), axis=1)  # first of the tied = smallest code
-    return pred, votes
+        weights = 1.0 / distances
+    if exact.any():
+        weights = np.where(exact.any(axis=1, keepdims=True), exact.astype(np.float64), weights)
+    flat = (labels + (np.arange(q) * n_classes)[:, None]).ravel()
+    return np.bincount(flat, weights=weights.ravel(), minlength=q * n_classes).reshape(q, n_classes)
 
 
-def _uncertain(distances: np.ndarray, votes: np.ndarray, pred: np.ndarray, tol: float) -> np.ndarray:
+def _winner(votes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(winning class code, largest total, largest minus second-largest total) per row. Totals
+    within ``TIE_RTOL`` of the largest tie; the smallest tied code wins."""
+    rows = np.arange(len(votes))
+    best = votes.argmax(axis=1)
+    top = votes[rows, best]
+    if votes.shape[1] == 1:
+        return best, top, top
+    votes[rows, best] = -np.inf  # (restored below) so that max() gives the runner-up
+    second = votes.max(axis=1)
+    votes[rows, best] = top
+    tied = np.flatnonzero(second >= top * (1.0 - TIE_RTOL))
+    if len(tied):  # argmax took the first exact maximum; near-equal totals tie too
+        best[tied] = np.argmax(votes[tied] >= top[tied, None] * (1.0 - TIE_RTOL), axis=1)
+    return best, top, top - second
+
+
+def _uncertain(distances: np.ndarray, top: np.ndarray, margin: np.ndarray, tol: float) -> np.ndarray:
     """Rows whose float32-based vote might differ from the float64 one: near-exact matches, or a
-    winning margin within the propagated rounding bound of the inverse-distance weights."""
+    winning margin within the propagated rounding bound of the inverse-distance weights (a tie
+    has margin <= TIE_RTOL * top, so it is always re-decided)."""
     near_exact = (distances <= EXACT_DISTANCE + 4 * tol).any(axis=1)
     d = np.maximum(distances, 4 * tol)
     weight_err = (tol / (d * (d - tol))).sum(axis=1)
-    rows = np.arange(len(pred))
-    top = votes[rows, pred]
-    others = votes.copy()
-    others[rows, pred] = 0.0
-    margin = top - others.max(axis=1)
     return near_exact | (margin <= 2 * weight_err + 2 * TIE_RTOL * top)
+
+
+def decide(
+    near: list[Nearest],
+    gallery_all: np.ndarray,
+    labels_all: np.ndarray,
+    queries: Mapping[str, np.ndarray],
+    rows: np.ndarray,
+    n_classes: int,
+    tol: float,
+) -> np.ndarray:
+    """The vote over the neighbours ``near`` (one per query modality, in ``queries`` order) of the
+    query rows ``rows``, in entries of the joined gallery ``gallery_all`` labelled ``labels_all``.
+    Where float32 similarities could swing the vote, it is taken again over float64 ones."""
+    if len(near) == 1:
+        sims, idx, exact = near[0].sims, near[0].idx, near[0].exact
+    else:
+        sims = np.concatenate([nb.sims for nb in near], axis=1)
+        idx = np.concatenate([nb.idx for nb in near], axis=1)
+        exact = np.logical_and.reduce([nb.exact for nb in near])
+    labels = labels_all[idx]
+    distances = np.maximum(1.0 - sims, 0.0)
+    pred, top, margin = _winner(_tally(labels, distances, n_classes))
+    again = np.flatnonzero(_uncertain(distances, top, margin, tol) & ~exact)
+    if len(again):
+        sims64 = np.concatenate(
+            [
+                np.where(
+                    nb.exact[again, None],
+                    nb.sims[again],
+                    _dots(gallery_all, queries[qm][rows[again]], nb.idx[again]),
+                )
+                for qm, nb in zip(queries, near)
+            ],
+            axis=1,
+        )
+        pred[again] = vote(labels[again], np.maximum(1.0 - sims64, 0.0), n_classes)[0]
+    return pred
 
 
 def knn_predict(
@@ -167,62 +259,43 @@ def knn_predict(
     exactly the predicted rows, with at least ``shortlist_width(k, G)`` columns (lets a caller share
     one search between combinations). Missing ones are searched here.
     """
-    gmods, qmods = list(gallery), list(queries)
     g = len(gallery_labels)
     if g == 0:
         raise ValueError("knn_predict: the gallery is empty")
-    k_eff = min(k, g * len(gmods))
+    k_eff = min(k, g * len(gallery))
     width = shortlist_width(k_eff, g)
-    labels_all = np.tile(np.asarray(gallery_labels, dtype=np.int64), len(gmods))
     rows = np.arange(len(next(iter(queries.values())))) if query_rows is None else np.asarray(query_rows)
-    tol = similarity_tolerance(next(iter(gallery.values())).shape[1])
-    flagged = np.zeros(len(rows), dtype=bool)  # float32 may have decided differently from float64
-    contained = np.ones(len(rows), dtype=bool)  # every entry that could be in the top k is listed
-    lists, top_sims, top_idx = [], [], []
-    for qm in qmods:
+    gallery_all = np.concatenate(list(gallery.values()), axis=0)
+    labels_all = np.tile(np.asarray(gallery_labels, dtype=np.int64), len(gallery))
+    tol = similarity_tolerance(gallery_all.shape[1])
+    near = []
+    for qm in queries:
         parts = []
-        for gm in gmods:
+        for gm in gallery:
             found = (shortlists or {}).get((gm, qm))
             if found is None:
                 found = faiss_search(
                     gallery[gm].astype(np.float32), queries[qm][rows].astype(np.float32), width
                 )
-            parts.append((found[0][:, :width], found[1][:, :width]))
-        (sims, idx), top, kth, after = top_of_union(parts, [j * g for j in range(len(gmods))], k_eff)
-        flagged |= kth - after <= 2 * tol
-        if width < g:  # unlisted entries are at most as similar (float32) as each part's last one
-            unlisted = np.max([p[0][:, -1] for p in parts], axis=0).astype(np.float64)
-            contained &= kth - unlisted > 2 * tol
-        lists.append(idx)
-        top_sims.append(np.take_along_axis(sims, top, axis=1))
-        top_idx.append(np.take_along_axis(idx, top, axis=1))
-    distances = np.maximum(1.0 - np.concatenate(top_sims, axis=1), 0.0)
-    neighbour_labels = labels_all[np.concatenate(top_idx, axis=1)]
-    pred, votes = vote(neighbour_labels, distances, n_classes)
-    flagged |= _uncertain(distances, votes, pred, tol)
-    rerank = flagged & contained
-    if rerank.any():
-        gallery_all = np.concatenate([gallery[m] for m in gmods], axis=0)
-        found = [
-            _rerank(gallery_all, queries[qm][rows[rerank]], idx[rerank], k_eff)
-            for qm, idx in zip(qmods, lists)
-        ]
-        dist64 = np.maximum(1.0 - np.concatenate([s for s, _ in found], axis=1), 0.0)
-        pred[rerank] = vote(labels_all[np.concatenate([i for _, i in found], axis=1)], dist64, n_classes)[0]
-    brute = flagged & ~contained
-    if brute.any():
-        pred[brute] = exact_predict(
-            gallery, gallery_labels, {m: v[rows[brute]] for m, v in queries.items()}, k, n_classes
-        )
-    return pred
+            parts.append(found)
+        near.append(nearest(parts, gallery_all, queries[qm], rows, k_eff, tol))
+    return decide(near, gallery_all, labels_all, queries, rows, n_classes, tol)
+
+
+def _dots(gallery64: np.ndarray, queries64: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Float64 similarities (Q, W) of query i with gallery entries ``idx[i]``. Row-wise dot
+    products column by column: no BLAS call (its spinning threads would slow the FAISS searches
+    that follow on a small machine) and no (Q, W, D) gather."""
+    out = np.empty(idx.shape)
+    for j in range(idx.shape[1]):
+        out[:, j] = np.einsum("qd,qd->q", queries64, gallery64[idx[:, j]])
+    return out
 
 
 def _rerank(gallery64: np.ndarray, queries64: np.ndarray, idx: np.ndarray, k: int) -> Shortlist:
     """Float64 similarities of the listed entries ``idx`` (Q, W), top ``k`` by (similarity, lower
     index first)."""
-    exact = np.empty(idx.shape)
-    for j in range(idx.shape[1]):
-        exact[:, j] = np.einsum("qd,qd->q", queries64, gallery64[idx[:, j]])
+    exact = _dots(gallery64, queries64, idx)
     order = np.lexsort((idx, -exact), axis=1)[:, :k]
     return np.take_along_axis(exact, order, axis=1), np.take_along_axis(idx, order, axis=1)
 

@@ -34,7 +34,16 @@ import numpy as np
 from tqdm import tqdm
 
 from xmodal.eval.embeddings import EmbeddingSet
-from xmodal.eval.knn import Shortlist, faiss_search, knn_predict, l2_normalize, shortlist_width
+from xmodal.eval.knn import (
+    Nearest,
+    Shortlist,
+    decide,
+    faiss_search,
+    l2_normalize,
+    nearest,
+    shortlist_width,
+    similarity_tolerance,
+)
 
 _SIDES = {"I": ("image",), "P": ("profile",), "I+P": ("image", "profile")}
 COMBOS: tuple[str, ...] = tuple(f"{g}-{q}" for g in _SIDES for q in _SIDES)
@@ -159,9 +168,14 @@ class _Side:
         valid, vec64, vec32 = {}, {}, {}
         for m in ("image", "profile"):
             ok = es.valid(m)[rows]
-            v = np.zeros((len(rows), es.emb(m).shape[1]))
-            if ok.any():
-                v[ok] = l2_normalize(es.emb(m)[rows[ok]], f"{what} {m} embeddings")
+            if ok.all():  # the common case: no zero-filled copy to scatter into
+                v = l2_normalize(
+                    es.emb(m) if len(rows) == len(es) else es.emb(m)[rows], f"{what} {m} embeddings"
+                )
+            else:
+                v = np.zeros((len(rows), es.emb(m).shape[1]))
+                if ok.any():
+                    v[ok] = l2_normalize(es.emb(m)[rows[ok]], f"{what} {m} embeddings")
             valid[m], vec64[m], vec32[m] = ok, v, v.astype(np.float32)
         codes = np.array([class_index[c] for c in es.label[rows]], dtype=np.int64)
         return _Side(rows, codes, valid, vec64, vec32)
@@ -313,10 +327,15 @@ def _evaluate_run(
     # its rows from that one search.
     qmods_used = {m for _, qmods in parsed.values() for m in qmods}
     qrows = {m: run.query_pool[qry.valid[m][run.query_pool]] for m in qmods_used}
-    qmat = {m: np.ascontiguousarray(qry.vec32[m][qrows[m]]) for m in qmods_used}
+    qmat = {
+        m: qry.vec32[m] if len(qrows[m]) == len(qry.codes) else qry.vec32[m][qrows[m]] for m in qmods_used
+    }
     for n in sizes:
         galleries: dict[tuple[str, ...], np.ndarray] = {}
         searched: dict[tuple[bytes, str, str], Shortlist] = {}
+        neighbours: dict[tuple[tuple[str, ...], str, int], Nearest] = {}  # over all of qrows[qm]
+        # Per gallery: its entries joined (image rows, then profile rows), their labels, the tolerance.
+        joined: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray, float]] = {}
         for combo, (gmods, qmods) in parsed.items():
             pool_ok = gal.eligible(gmods)[run.gallery_pool]
             if gmods not in galleries:
@@ -332,24 +351,33 @@ def _evaluate_run(
                     cells[(combo, n, k)].skipped[reason] = cells[(combo, n, k)].skipped.get(reason, 0) + 1
                 continue
             width = shortlist_width(max(ks), len(g_idx))
-            short = {}
-            for gm in gmods:
-                for qm in qmods:
-                    key = (g_idx.tobytes(), gm, qm)
-                    if key not in searched:
-                        searched[key] = faiss_search(gal.vec32[gm][g_idx], qmat[qm], width)
-                    pos = np.searchsorted(qrows[qm], q_idx)
-                    short[(gm, qm)] = (searched[key][0][pos], searched[key][1][pos])
-            for k in ks:
-                pred = knn_predict(
-                    {m: gal.vec64[m][g_idx] for m in gmods},
-                    gal.codes[g_idx],
-                    {m: qry.vec64[m] for m in qmods},
-                    k,
-                    n_classes,
-                    short,
-                    query_rows=q_idx,
+            if gmods not in joined:
+                joined[gmods] = (
+                    np.concatenate([gal.vec64[m][g_idx] for m in gmods]),
+                    np.tile(gal.codes[g_idx], len(gmods)),
+                    similarity_tolerance(gal.vec64[gmods[0]].shape[1]),
                 )
+            gallery_all, labels_all, tol = joined[gmods]
+            for k in ks:
+                near = []
+                for qm in qmods:
+                    # One top-k per gallery, query modality and k serves the three query sides.
+                    if (gmods, qm, k) not in neighbours:
+                        parts = []
+                        for gm in gmods:
+                            key = (g_idx.tobytes(), gm, qm)
+                            if key not in searched:
+                                searched[key] = faiss_search(gal.vec32[gm][g_idx], qmat[qm], width)
+                            parts.append(searched[key])
+                        k_eff = min(k, len(gallery_all))
+                        neighbours[(gmods, qm, k)] = nearest(
+                            parts, gallery_all, qry.vec64[qm], qrows[qm], k_eff, tol
+                        )
+                    everyone = neighbours[(gmods, qm, k)]
+                    same = len(q_idx) == len(qrows[qm])  # then q_idx is qrows[qm]: both sorted
+                    near.append(everyone if same else everyone.take(np.searchsorted(qrows[qm], q_idx)))
+                queries64 = {m: qry.vec64[m] for m in qmods}
+                pred = decide(near, gallery_all, labels_all, queries64, q_idx, n_classes, tol)
                 cell = cells[(combo, n, k)]
                 values, conf = _metrics(qry.codes[q_idx], pred, n_classes)
                 for metric, v in zip(METRICS, values):

@@ -176,6 +176,31 @@ def test_faiss_search_finds_the_exact_top_k() -> None:
     np.testing.assert_allclose(sims32, sims64, atol=1e-6)
 
 
+def test_gpu_settings_give_the_same_predictions(ev, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a GPU, FAISS may compute in TF32: the tolerance is 2e-3 and shortlists are wider. The
+    index is moved by ``index_cpu_to_all_gpus``; here it stays on the CPU (no GPU in CI), so what is
+    checked is the certification under the GPU tolerance: far more rows are doubtful, and every
+    prediction still equals the float64 reference."""
+    import faiss
+
+    monkeypatch.setattr(knn, "use_gpu", lambda: True)
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", lambda index: index)
+    work = _count_float64_work(monkeypatch)
+    assert knn.similarity_tolerance(24) == knn.GPU_SIM_TOLERANCE
+    assert knn.shortlist_width(3, 1000) == 3 + 1 + knn.SHORTLIST_EXTRA_GPU
+    rng = np.random.default_rng(5)
+    n_classes, g, q, d = 4, 60, 200, 24
+    labels = rng.integers(0, n_classes, g)
+    centres = rng.normal(size=(n_classes, d))
+    gal = {m: _unit(centres[labels] + 2.0 * rng.normal(size=(g, d))) for m in ("image", "profile")}
+    yq = rng.integers(0, n_classes, q)
+    qry = {m: _unit(centres[yq] + 2.0 * rng.normal(size=(q, d))) for m in ("image", "profile")}
+    for combo in ("I-I", "I+P-P", "I+P-I+P"):
+        gm, qm = parse_combo(combo)
+        _check_all_paths(ev, {m: gal[m] for m in gm}, labels, {m: qry[m] for m in qm}, 3, n_classes)
+    assert sum(work["_rerank"]) > 0  # the wide tolerance sent rows to float64
+
+
 def test_l2_normalize_rejects_zero_rows() -> None:
     with pytest.raises(ValueError, match="zero norm.*row 1"):
         l2_normalize(np.array([[1.0, 0.0], [0.0, 0.0]]), "gallery image embeddings")

@@ -15,6 +15,17 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
+def _clustered(rng: np.random.Generator, n_classes: int, g: int, q: int, spread: float, d: int = 24):
+    """Random unit embeddings around class centres: (gallery by modality, gallery labels, queries by
+    modality, query labels)."""
+    labels = rng.integers(0, n_classes, g)
+    centres = rng.normal(size=(n_classes, d))
+    gal = {m: _unit(centres[labels] + spread * rng.normal(size=(g, d))) for m in ("image", "profile")}
+    yq = rng.integers(0, n_classes, q)
+    qry = {m: _unit(centres[yq] + spread * rng.normal(size=(q, d))) for m in ("image", "profile")}
+    return gal, labels, qry, yq
+
+
 def _check_all_paths(ev, gallery, labels, queries, k, n_classes) -> np.ndarray:
     fast = knn.knn_predict(gallery, labels, queries, k, n_classes)
     slow = exact_predict(gallery, labels, queries, k, n_classes)
@@ -62,13 +73,8 @@ def _count_float64_work(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[int]]
 @pytest.mark.parametrize("k", [1, 3, 5])
 def test_random_data_all_combinations(ev, k: int, monkeypatch: pytest.MonkeyPatch) -> None:
     work = _count_float64_work(monkeypatch)
-    rng = np.random.default_rng(k)
-    n_classes, g, q, d = 5, 30, 150, 24
-    labels = rng.integers(0, n_classes, g)
-    centres = rng.normal(size=(n_classes, d))
-    gal = {m: _unit(centres[labels] + 1.5 * rng.normal(size=(g, d))) for m in ("image", "profile")}
-    yq = rng.integers(0, n_classes, q)
-    qry = {m: _unit(centres[yq] + 1.5 * rng.normal(size=(q, d))) for m in ("image", "profile")}
+    n_classes, q = 5, 150
+    gal, labels, qry, yq = _clustered(np.random.default_rng(k), n_classes, 30, q, spread=1.5)
     for combo in COMBOS:
         gm, qm = parse_combo(combo)
         pred = _check_all_paths(ev, {m: gal[m] for m in gm}, labels, {m: qry[m] for m in qm}, k, n_classes)
@@ -188,13 +194,8 @@ def test_gpu_settings_give_the_same_predictions(ev, monkeypatch: pytest.MonkeyPa
     work = _count_float64_work(monkeypatch)
     assert knn.similarity_tolerance(24) == knn.GPU_SIM_TOLERANCE
     assert knn.shortlist_width(3, 1000) == 3 + 1 + knn.SHORTLIST_EXTRA_GPU
-    rng = np.random.default_rng(5)
-    n_classes, g, q, d = 4, 60, 200, 24
-    labels = rng.integers(0, n_classes, g)
-    centres = rng.normal(size=(n_classes, d))
-    gal = {m: _unit(centres[labels] + 2.0 * rng.normal(size=(g, d))) for m in ("image", "profile")}
-    yq = rng.integers(0, n_classes, q)
-    qry = {m: _unit(centres[yq] + 2.0 * rng.normal(size=(q, d))) for m in ("image", "profile")}
+    n_classes = 4
+    gal, labels, qry, _ = _clustered(np.random.default_rng(5), n_classes, 60, 200, spread=2.0)
     for combo in ("I-I", "I+P-P", "I+P-I+P"):
         gm, qm = parse_combo(combo)
         _check_all_paths(ev, {m: gal[m] for m in gm}, labels, {m: qry[m] for m in qm}, 3, n_classes)

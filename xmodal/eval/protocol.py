@@ -311,6 +311,63 @@ def run_protocol(
     )
 
 
+class _SizeRun:
+    """One gallery size n of one run: each gallery is drawn once per modality set, each FAISS search
+    made once per gallery sample and modality pair, and each float64-certified top-k once per
+    gallery, query modality and k; the combinations that need them share them. Searches and top-k
+    cover the whole query pool of a modality; a cell takes its rows from them."""
+
+    def __init__(self, run: _Run, gal: _Side, qry: _Side, qrows: dict, qmat: dict, n: int, max_k: int):
+        self.run, self.gal, self.qry, self.qrows, self.qmat = run, gal, qry, qrows, qmat
+        self.n, self.max_k = n, max_k
+        self._galleries: dict[tuple[str, ...], np.ndarray] = {}
+        self._joined: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray, float]] = {}
+        self._searched: dict[tuple[bytes, str, str], Shortlist] = {}
+        self._nearest: dict[tuple[tuple[str, ...], str, int], Nearest] = {}
+
+    def gallery(self, gmods: tuple[str, ...]) -> np.ndarray:
+        """Positions (gallery side) of the gallery for a combination with gallery modalities ``gmods``."""
+        if gmods not in self._galleries:
+            pool = self.run.gallery_pool
+            ok = self.gal.eligible(gmods)[pool]
+            self._galleries[gmods] = pool[
+                sample_gallery(self.gal.codes[pool], self.run.keys[pool], ok, self.n)
+            ]
+        return self._galleries[gmods]
+
+    def joined(self, gmods: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, float]:
+        """The gallery's entries (image rows, then profile rows; float64), their labels, the tolerance."""
+        if gmods not in self._joined:
+            g_idx = self.gallery(gmods)
+            self._joined[gmods] = (
+                np.concatenate([self.gal.vec64[m][g_idx] for m in gmods]),
+                np.tile(self.gal.codes[g_idx], len(gmods)),
+                similarity_tolerance(self.gal.vec64[gmods[0]].shape[1]),
+            )
+        return self._joined[gmods]
+
+    def nearest(self, gmods: tuple[str, ...], qm: str, k: int, q_idx: np.ndarray) -> Nearest:
+        """The top k of the gallery for the query rows ``q_idx`` (a sorted subset of qrows[qm])."""
+        if (gmods, qm, k) not in self._nearest:
+            g_idx = self.gallery(gmods)
+            width = shortlist_width(self.max_k, len(g_idx))
+            parts = []
+            for gm in gmods:  # gallery I and I+P share the searches of the same sample
+                key = (g_idx.tobytes(), gm, qm)
+                if key not in self._searched:
+                    self._searched[key] = faiss_search(self.gal.vec32[gm][g_idx], self.qmat[qm], width)
+                parts.append(self._searched[key])
+            gallery_all, _, tol = self.joined(gmods)
+            k_eff = min(k, len(gallery_all))
+            self._nearest[(gmods, qm, k)] = nearest(
+                parts, gallery_all, self.qry.vec64[qm], self.qrows[qm], k_eff, tol
+            )
+        everyone = self._nearest[(gmods, qm, k)]
+        if len(q_idx) == len(self.qrows[qm]):  # then q_idx is qrows[qm]: both sorted
+            return everyone
+        return everyone.take(np.searchsorted(self.qrows[qm], q_idx))
+
+
 def _evaluate_run(
     run: _Run,
     gal: _Side,
@@ -322,26 +379,16 @@ def _evaluate_run(
     keep: bool,
 ) -> None:
     n_classes = next(iter(cells.values())).n_classes
-    # FAISS searches the whole query pool once per gallery sample, gallery modality and query
-    # modality; every combination (and, in single mode, every cell minus its own gallery) takes
-    # its rows from that one search.
     qmods_used = {m for _, qmods in parsed.values() for m in qmods}
     qrows = {m: run.query_pool[qry.valid[m][run.query_pool]] for m in qmods_used}
     qmat = {
         m: qry.vec32[m] if len(qrows[m]) == len(qry.codes) else qry.vec32[m][qrows[m]] for m in qmods_used
     }
     for n in sizes:
-        galleries: dict[tuple[str, ...], np.ndarray] = {}
-        searched: dict[tuple[bytes, str, str], Shortlist] = {}
-        neighbours: dict[tuple[tuple[str, ...], str, int], Nearest] = {}  # over all of qrows[qm]
-        # Per gallery: its entries joined (image rows, then profile rows), their labels, the tolerance.
-        joined: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray, float]] = {}
+        size_run = _SizeRun(run, gal, qry, qrows, qmat, n, max(ks))
         for combo, (gmods, qmods) in parsed.items():
             pool_ok = gal.eligible(gmods)[run.gallery_pool]
-            if gmods not in galleries:
-                picked = sample_gallery(gal.codes[run.gallery_pool], run.keys[run.gallery_pool], pool_ok, n)
-                galleries[gmods] = run.gallery_pool[picked]
-            g_idx = galleries[gmods]
+            g_idx = size_run.gallery(gmods)
             candidates = np.setdiff1d(run.query_pool, g_idx) if run.same_set else run.query_pool
             ok = qry.eligible(qmods)[candidates]
             q_idx = candidates[ok]
@@ -350,33 +397,10 @@ def _evaluate_run(
                 for k in ks:
                     cells[(combo, n, k)].skipped[reason] = cells[(combo, n, k)].skipped.get(reason, 0) + 1
                 continue
-            width = shortlist_width(max(ks), len(g_idx))
-            if gmods not in joined:
-                joined[gmods] = (
-                    np.concatenate([gal.vec64[m][g_idx] for m in gmods]),
-                    np.tile(gal.codes[g_idx], len(gmods)),
-                    similarity_tolerance(gal.vec64[gmods[0]].shape[1]),
-                )
-            gallery_all, labels_all, tol = joined[gmods]
+            gallery_all, labels_all, tol = size_run.joined(gmods)
+            queries64 = {m: qry.vec64[m] for m in qmods}
             for k in ks:
-                near = []
-                for qm in qmods:
-                    # One top-k per gallery, query modality and k serves the three query sides.
-                    if (gmods, qm, k) not in neighbours:
-                        parts = []
-                        for gm in gmods:
-                            key = (g_idx.tobytes(), gm, qm)
-                            if key not in searched:
-                                searched[key] = faiss_search(gal.vec32[gm][g_idx], qmat[qm], width)
-                            parts.append(searched[key])
-                        k_eff = min(k, len(gallery_all))
-                        neighbours[(gmods, qm, k)] = nearest(
-                            parts, gallery_all, qry.vec64[qm], qrows[qm], k_eff, tol
-                        )
-                    everyone = neighbours[(gmods, qm, k)]
-                    same = len(q_idx) == len(qrows[qm])  # then q_idx is qrows[qm]: both sorted
-                    near.append(everyone if same else everyone.take(np.searchsorted(qrows[qm], q_idx)))
-                queries64 = {m: qry.vec64[m] for m in qmods}
+                near = [size_run.nearest(gmods, qm, k, q_idx) for qm in qmods]
                 pred = decide(near, gallery_all, labels_all, queries64, q_idx, n_classes, tol)
                 cell = cells[(combo, n, k)]
                 values, conf = _metrics(qry.codes[q_idx], pred, n_classes)

@@ -107,6 +107,16 @@ def shortlist_width(k: int, gallery_size: int) -> int:
     return min(k + 1 + (SHORTLIST_EXTRA_GPU if use_gpu() else SHORTLIST_EXTRA), gallery_size)
 
 
+def join_gallery(
+    gallery: Mapping[str, np.ndarray], gallery_labels: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """A gallery's entries in the documented order (all image rows, then all profile rows), their
+    class codes, and the rounding tolerance for their width."""
+    entries = np.concatenate(list(gallery.values()), axis=0)
+    labels = np.tile(np.asarray(gallery_labels, dtype=np.int64), len(gallery))
+    return entries, labels, similarity_tolerance(entries.shape[1])
+
+
 @dataclass
 class Nearest:
     """The k nearest entries of a gallery (one modality, or both joined) for queries of one
@@ -127,7 +137,9 @@ def nearest(
 ) -> Nearest:
     """Top ``k`` of a joined gallery ``gallery_all`` (float64; part j of ``parts`` lists entries
     j * G ... of it) for the query rows ``rows`` of ``queries`` (float64), from FAISS shortlists
-    sorted by similarity, one per part, row i for query rows[i]."""
+    sorted by similarity, one per part, row i for query rows[i]. ``k`` beyond the gallery means all
+    of it."""
+    k = min(k, len(gallery_all))
     g = len(gallery_all) // len(parts)
     offsets = [j * g for j in range(len(parts))]
     # The union's k+1 most similar entries are among the first k+1 of each sorted part.
@@ -271,12 +283,9 @@ def knn_predict(
     g = len(gallery_labels)
     if g == 0:
         raise ValueError("knn_predict: the gallery is empty")
-    k_eff = min(k, g * len(gallery))
-    width = shortlist_width(k_eff, g)
+    width = shortlist_width(k, g)
     rows = np.arange(len(next(iter(queries.values())))) if query_rows is None else np.asarray(query_rows)
-    gallery_all = np.concatenate(list(gallery.values()), axis=0)
-    labels_all = np.tile(np.asarray(gallery_labels, dtype=np.int64), len(gallery))
-    tol = similarity_tolerance(gallery_all.shape[1])
+    gallery_all, labels_all, tol = join_gallery(gallery, gallery_labels)
     near = []
     for qm in queries:
         parts = []
@@ -287,7 +296,7 @@ def knn_predict(
                     gallery[gm].astype(np.float32), queries[qm][rows].astype(np.float32), width
                 )
             parts.append(found)
-        near.append(nearest(parts, gallery_all, queries[qm], rows, k_eff, tol))
+        near.append(nearest(parts, gallery_all, queries[qm], rows, k, tol))
     return decide(near, gallery_all, labels_all, queries, rows, n_classes, tol)
 
 
@@ -317,8 +326,7 @@ def exact_predict(
     n_classes: int,
 ) -> np.ndarray:
     """The same prediction as ``knn_predict`` by float64 brute force only (no FAISS)."""
-    gallery_all = np.concatenate([gallery[m] for m in gallery], axis=0)
-    labels_all = np.tile(np.asarray(gallery_labels, dtype=np.int64), len(gallery))
+    gallery_all, labels_all, _ = join_gallery(gallery, gallery_labels)
     found = [exact_search(gallery_all, q, k) for q in queries.values()]
     distances = np.maximum(1.0 - np.concatenate([s for s, _ in found], axis=1), 0.0)
     return vote(labels_all[np.concatenate([i for _, i in found], axis=1)], distances, n_classes)[0]

@@ -39,10 +39,10 @@ from xmodal.eval.knn import (
     Shortlist,
     decide,
     faiss_search,
+    join_gallery,
     l2_normalize,
     nearest,
     shortlist_width,
-    similarity_tolerance,
 )
 
 _SIDES = {"I": ("image",), "P": ("profile",), "I+P": ("image", "profile")}
@@ -339,10 +339,8 @@ class _SizeRun:
         """The gallery's entries (image rows, then profile rows; float64), their labels, the tolerance."""
         if gmods not in self._joined:
             g_idx = self.gallery(gmods)
-            self._joined[gmods] = (
-                np.concatenate([self.gal.vec64[m][g_idx] for m in gmods]),
-                np.tile(self.gal.codes[g_idx], len(gmods)),
-                similarity_tolerance(self.gal.vec64[gmods[0]].shape[1]),
+            self._joined[gmods] = join_gallery(
+                {m: self.gal.vec64[m][g_idx] for m in gmods}, self.gal.codes[g_idx]
             )
         return self._joined[gmods]
 
@@ -358,9 +356,8 @@ class _SizeRun:
                     self._searched[key] = faiss_search(self.gal.vec32[gm][g_idx], self.qmat[qm], width)
                 parts.append(self._searched[key])
             gallery_all, _, tol = self.joined(gmods)
-            k_eff = min(k, len(gallery_all))
             self._nearest[(gmods, qm, k)] = nearest(
-                parts, gallery_all, self.qry.vec64[qm], self.qrows[qm], k_eff, tol
+                parts, gallery_all, self.qry.vec64[qm], self.qrows[qm], k, tol
             )
         everyone = self._nearest[(gmods, qm, k)]
         if len(q_idx) == len(self.qrows[qm]):  # then q_idx is qrows[qm]: both sorted

@@ -1,8 +1,8 @@
 """End-to-end pretraining on a real local Ray cluster: the CLI as a user runs it, a driver that is
-stopped and re-run (resumes, not restarts), then, in the resumed run, a training worker killed
-(Ray Train restarts the workers from the last checkpoint), and trained embeddings that beat the same
-architecture with random weights. Both failures share one run: each Ray Train start costs ~40 s here.
-The same worker kill through `ray job submit` is in tests/cluster/test_job_submit.py."""
+killed and re-run (resumes, not restarts), and trained embeddings that beat the same architecture
+with random weights. A killed training worker (Ray Train restarts the worker group from the last
+checkpoint) is tested through `ray job submit` in tests/cluster/test_job_submit.py: each Ray Train
+start costs ~40 s here, so each failure is injected once in the suite."""
 
 from __future__ import annotations
 
@@ -92,7 +92,7 @@ def finish(proc: subprocess.Popen, timeout: float = 600) -> str:
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_driver_killed_then_worker_killed_resumes_then_embeds_and_benchmarks(
+def test_driver_killed_resumes_then_embeds_and_benchmarks(
     ray_session, faults, tiny_data, tmp_path
 ):
     from xmodal.eval.benchmark import benchmark
@@ -106,22 +106,10 @@ def test_driver_killed_then_worker_killed_resumes_then_embeds_and_benchmarks(
     done_before = faults.epoch_records(run_dir)
     assert len(done_before) == faults.registered_epoch(run_dir) < EPOCHS, done_before
 
-    # re-run: resumes; once one more checkpoint is registered, one of its training workers dies
-    stale = set(faults.train_workers(os.getpid()))  # the killed driver's workers, if any linger
-    second = cli(pretrain_args(tiny_data, storage, name), cwd=REPO)
-    wait_registered(faults, run_dir, second, len(done_before) + 1)
-    # the session cluster's raylet is this process's child; only the re-run's workers count
-    workers = [p for p in faults.train_workers(os.getpid()) if p not in stale]
-    assert workers, f"no live training worker of the re-run found (stale: {sorted(stale)})"
-    os.kill(workers[-1], signal.SIGKILL)
-    killed_at = faults.registered_epoch(run_dir)
-    assert killed_at < EPOCHS, "the run finished before the worker was killed"
-
-    out = finish(second)
-    resumed_from = {int(e) for e in re.findall(r"resuming from epoch (\d+)", out)}
-    assert resumed_from == {len(done_before), killed_at}, (
-        f"expected resumes from epochs {len(done_before)} (driver) and {killed_at} (worker):\n{out[-4000:]}"
-    )
+    # re-run with the same name: resumes from the killed driver's last registered checkpoint
+    out = finish(cli(pretrain_args(tiny_data, storage, name), cwd=REPO))
+    resumed_from = [int(e) for e in re.findall(r"resuming from epoch (\d+)", out)]
+    assert resumed_from == [len(done_before)], f"expected one resume from epoch {len(done_before)}:\n{out[-4000:]}"
     epochs = faults.epoch_records(run_dir)
     assert epochs[-1] == EPOCHS and sorted(set(epochs)) == list(range(1, EPOCHS + 1))
     assert all(epochs.count(e) == 1 for e in epochs), f"an epoch was trained twice: {epochs}"

@@ -33,7 +33,7 @@ demo: bytecode
 	@echo "run folder: $(DEMO)/runs/demo   results: $(DEMO)/benchmark/results.md"
 
 test: bytecode
-	$(BIN)/python -m pytest -q --timeout=900 tests
+	$(BIN)/python -m pytest -q --timeout=900 --durations=12 tests
 
 test-fast: bytecode
 	$(BIN)/python -m pytest -q -m "not slow" tests

@@ -75,14 +75,15 @@ def main() -> None:
         data = Path(tmp)
         # the demo's data (make demo): 4000 unlabelled UTO particles to train, 1200 labelled LAB
         synthesize(data, n_lab=1200, n_sea=0, n_uto=4000, seed=0, fmt="parquet", image_size=64)
+        laptop = load_config(REPO / "configs" / "laptop.yaml", [f"optim.epochs={args.epochs}"])
+        pool = read_table(str(data / "UTO"), columns=COLUMNS)
+        pool = pool.filter(pc.and_(pool.column("has_image"), pool.column("has_profile")))
+        lab = load_labelled(str(data / "LAB"), laptop.data.image_size, laptop.data.profile_length)
         results: dict[float, list[dict]] = {}
         for scale in args.scales:
             cfg = load_config(
                 REPO / "configs" / "laptop.yaml", [f"loss.logit_scale={scale}", f"optim.epochs={args.epochs}"]
             )
-            pool = read_table(str(data / "UTO"), columns=COLUMNS)
-            pool = pool.filter(pc.and_(pool.column("has_image"), pool.column("has_profile")))
-            lab = load_labelled(str(data / "LAB"), cfg.data.image_size, cfg.data.profile_length)
             for seed in range(args.seeds):
                 rand, trained = train(cfg, pool, lab, seed)
                 results.setdefault(scale, []).append(trained)
@@ -91,9 +92,9 @@ def main() -> None:
                     print(f"seed {seed} {tag:>12}: {line}   (n = {'/'.join(map(str, SIZES))})", flush=True)
     first = args.scales[0]
     print(f"\nmean accuracy (%) over {args.seeds} seeds at n = {SIZES[-1]}, and difference to scale {first:.3g}:")
+    ref = {c: np.mean([r[c][-1] for r in results[first]]) for c in COMBOS}
     for scale, runs in results.items():
         means = {c: np.mean([r[c][-1] for r in runs]) for c in COMBOS}
-        ref = {c: np.mean([r[c][-1] for r in results[first]]) for c in COMBOS}
         print(
             f"  scale {scale:7.3f}: "
             + "  ".join(f"{c} {means[c]:.1f} ({means[c] - ref[c]:+.1f})" for c in COMBOS)

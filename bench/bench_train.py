@@ -93,6 +93,38 @@ def plain_loop(cfg, root: Path, epochs: int) -> dict[str, float]:
     return {"samples_per_s": float(np.mean(rates)), "data_wait_frac": float(np.mean(waits))}
 
 
+def kernel_ab(cfg, root: Path, rounds: int) -> tuple[float, float]:
+    """Median CPU ms per training step, one thread, per-worker batch: the stock model vs the same
+    model with ``use_small_map_depthwise`` (what xmodal's CPU workers run), steps interleaved so
+    both see the same machine."""
+    import copy
+    import statistics
+
+    from xmodal.models.cpu_kernels import use_small_map_depthwise
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    stock = build_model(cfg)
+    fast = copy.deepcopy(stock)
+    use_small_map_depthwise(fast)
+    ds = PlainDataset(root, cfg.data.image_size, cfg.data.profile_length)
+    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.optim.batch_size // cfg.train.num_workers)
+    batch = next(iter(loader))
+    runs = [(m, torch.optim.AdamW(m.parameters(), lr=cfg.optim.lr), []) for m in (stock, fast)]
+    for i in range(rounds + 2):
+        for model, opt, times in runs:
+            t0 = time.process_time()
+            loss, _ = model(batch)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if i >= 2:  # allocator warm-up
+                times.append(time.process_time() - t0)
+    torch.set_num_threads(threads)
+    return tuple(1000 * statistics.median(t) for _, _, t in runs)
+
+
 def xmodal_path(cfg) -> dict[str, float]:
     from xmodal.train.trainer import pretrain
 
@@ -112,6 +144,7 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--kernel-rounds", type=int, default=8, help="steps per model in the kernel A/B (0: skip)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="xmodal-bench-train-"))
     synthesize(work / "syke", 0, 0, args.n, seed=0, fmt="syke", image_size=args.image_size)
@@ -133,6 +166,12 @@ def main() -> None:
         f"model {args.image_encoder} + cnn at {args.image_size} px, batch {args.batch_size}, "
         f"{args.n} particles, {args.epochs} epochs (first excluded)"
     )
+    if args.kernel_rounds:
+        stock_ms, fast_ms = kernel_ab(cfg, work / "syke" / "UTO", args.kernel_rounds)
+        print(
+            f"one step, 1 thread, batch {cfg.optim.batch_size // cfg.train.num_workers}: stock model "
+            f"{stock_ms:.0f} ms CPU, with small-map depthwise kernels {fast_ms:.0f} ms ({stock_ms / fast_ms:.2f}x)"
+        )
     plain = plain_loop(cfg, work / "syke" / "UTO", args.epochs)
     ours = xmodal_path(cfg)
     print(

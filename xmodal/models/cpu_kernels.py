@@ -18,7 +18,6 @@ move freely between this and plain ``nn.Conv2d``.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 _INDEX_CACHE: dict[tuple[int, ...], torch.Tensor] = {}

@@ -8,12 +8,26 @@ import torch
 
 from xmodal.config import OptimConfig
 
+# torch's fused kernels exist for these devices; elsewhere the default per-tensor path runs.
+FUSED_DEVICES = ("cpu", "cuda")
+
 
 def build_optimizer(param_groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+    """SGD-Nesterov or AdamW over ``param_groups`` (lists, as ``param_groups()`` returns them).
+
+    Fused kernels where torch has them: one pass over all parameters instead of a loop of small ops.
+    Measured per step on this 2-core machine (1 thread): AdamW 42 -> 14 ms and SGD 23 -> 7 ms for
+    efficientnet_b0 + 1-D CNN (5.2 M parameters, 276 tensors; 3 % of a 64-px step), AdamW 64 -> 12 ms
+    for the laptop model (resnet10t + CNN, 6.0 M; ~9 % of its step). Same update rule, float
+    rounding aside (tested against torch's per-tensor loop). An optimizer state loaded from a
+    checkpoint keeps the setting it was saved with."""
+    fused = all(p.device.type in FUSED_DEVICES for g in param_groups for p in g["params"])
     if cfg.name == "sgd":
-        return torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+        return torch.optim.SGD(
+            param_groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0, fused=fused
+        )
     if cfg.name == "adamw":
-        return torch.optim.AdamW(param_groups, lr=cfg.lr)
+        return torch.optim.AdamW(param_groups, lr=cfg.lr, fused=fused)
     raise ValueError(f"optim.name '{cfg.name}' is not one of: sgd, adamw")
 
 

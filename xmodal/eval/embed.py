@@ -68,8 +68,7 @@ def model_from_state(state: dict[str, Any], device: torch.device) -> torch.nn.Mo
 
     module = build_model(state["config"])
     module.load_state_dict(state["model"])
-    if device.type == "cpu":
-        use_small_map_depthwise(module)  # same function and weights, faster CPU kernels
+    use_small_map_depthwise(module)  # same function and weights; faster kernels on CPU only
     return module.to(device).eval()
 
 

@@ -23,13 +23,17 @@ from torch import nn
 _INDEX_CACHE: dict[tuple[int, ...], torch.Tensor] = {}
 
 
+def _out_size(n: int, k: int, stride: int, pad: int) -> int:
+    return (n + 2 * pad - k) // stride + 1
+
+
 def _tap_index(h: int, w: int, k: int, stride: int, pad: int) -> torch.Tensor:
     """(Ho*Wo, H*W) index of the kernel tap joining each output to each input pixel; k*k where
     the input is out of the output's window (a zero appended to the flattened kernel)."""
     key = (h, w, k, stride, pad)
     idx = _INDEX_CACHE.get(key)
     if idx is None:
-        ho, wo = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+        ho, wo = _out_size(h, k, stride, pad), _out_size(w, k, stride, pad)
         a = torch.arange(ho).view(ho, 1, 1, 1)
         b = torch.arange(wo).view(1, wo, 1, 1)
         i = torch.arange(h).view(1, 1, h, 1) - a * stride + pad
@@ -48,7 +52,7 @@ def depthwise_small_map(
     n, c, h, w = x.shape
     k = weight.shape[-1]
     idx = _tap_index(h, w, k, stride, pad).to(x.device)
-    ho, wo = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+    ho, wo = _out_size(h, k, stride, pad), _out_size(w, k, stride, pad)
     taps = torch.cat([weight.reshape(c, k * k), weight.new_zeros(c, 1)], dim=1)
     mat = taps[:, idx]  # (C, Ho*Wo, H*W)
     y = torch.matmul(x.reshape(n, c, h * w).transpose(0, 1), mat.transpose(1, 2))  # (C, N, Ho*Wo)

@@ -78,8 +78,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         module.load_state_dict(resume["model"])
         start_epoch, global_step = resume["epoch"], resume["global_step"]
     module.to(device)
-    if device.type == "cpu":
-        use_small_map_depthwise(module)  # same function and weights, faster CPU kernels
+    use_small_map_depthwise(module)  # same function and weights; faster kernels on CPU only
     if device.type == "cuda" and cfg.train.channels_last:
         module = module.to(memory_format=torch.channels_last)
     forward_module = torch.compile(module) if cfg.train.compile else module

@@ -20,8 +20,9 @@ def _matrix(n: int, length: int = 5) -> np.ndarray:
     return np.random.default_rng(n).uniform(-1, 7488, (n, length))
 
 
-def test_names_compare_without_case_spaces_or_underscores() -> None:
+def test_names_compare_without_case_spaces_underscores_hyphens_or_dots() -> None:
     assert normalize_name(" Fl  Red_HS ") == normalize_name("FL Red HS") == "flredhs"
+    assert normalize_name("FL-Red") == normalize_name("Fl. Red") == normalize_name("FL_RED") == "flred"
 
 
 def test_real_instrument_names_map_by_name_not_position() -> None:

@@ -4,7 +4,8 @@ CytoSense software names the same detector differently per instrument and per ex
 (``Sidewards Scatter`` vs ``SWS`` vs ``SWS HS``; ``Fl Red`` vs ``FL Red HS``; forward scatter as one
 ``FWS`` channel or as ``FWS L`` + ``FWS R``). The table below maps a *source expression* to a
 canonical channel; a source expression is one name, or several joined by ``+`` whose pulses are
-summed sample by sample. Names are compared case- and whitespace/underscore-insensitively.
+summed sample by sample. Names are compared ignoring case, whitespace, ``_``, ``-`` and ``.``
+(``FL-Red``, ``Fl. Red`` and ``FL_RED`` are all ``FL Red``).
 
 For each canonical channel the entries are tried in order and the first whose names are all present
 in the file wins, so the table also states the preference between alternatives (a direct ``FWS``
@@ -45,6 +46,7 @@ DEFAULT_CHANNEL_MAP: tuple[tuple[str, str], ...] = (
     ("FWS LS", "FWS"),
     ("SWS", "SWS"),
     ("Sidewards Scatter", "SWS"),
+    ("Sideward Scatter", "SWS"),
     ("Side Scatter", "SWS"),
     ("SWS HS", "SWS"),
     ("SWS LS", "SWS"),
@@ -60,11 +62,11 @@ DEFAULT_CHANNEL_MAP: tuple[tuple[str, str], ...] = (
     ("Curvature", "Curvature"),
 )
 
-_SPACE = re.compile(r"[\s_]+")
+_SPACE = re.compile(r"[\s_.-]+")
 
 
 def normalize_name(name: str) -> str:
-    """``' Fl  Red_HS '`` -> ``'flredhs'``: the key under which channel names are compared."""
+    """``' Fl. Red-HS '`` -> ``'flredhs'``: the key under which channel names are compared."""
     return _SPACE.sub("", name).casefold()
 
 

@@ -22,8 +22,8 @@ REASONS: dict[str, str] = {
     "Length, or the channels of one particle differ in length",
     "non_finite": "a pulse value is NaN or infinite (or overflows float32)",
     "unreadable_image": "the image bytes cannot be decoded (truncated, corrupt, not an image, bad base64)",
-    "empty_image": "the image shows no object: near-constant pixels after removing the smooth background "
-    "(a failed crop), or nothing left after the header crop",
+    "empty_image": "the image shows no object: neither sharp edges nor a faint or soft-edged particle stand "
+    "out from the smooth background (a failed crop), or nothing is left after the header crop",
     "image_too_large": "the image has more pixels than the configured limit (decompression-bomb guard); "
     "it is rejected from its header, before decoding",
     "path_escape": "a path in annotations.csv leaves the dataset folder ('../', or absolute outside it)",

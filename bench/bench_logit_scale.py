@@ -55,7 +55,7 @@ def train(cfg, pool, lab: dict, seed: int) -> tuple[dict, dict]:
         order = rng.permutation(n)
         for s in range(steps):
             rows = pool.take(order[s * bs : (s + 1) * bs])
-            b = table_to_model_batch(rows, cfg.data.image_size, cfg.data.profile_length, aug, rng)
+            b = table_to_model_batch(rows, cfg.data.image_size, cfg.data.profile_length, aug, rng, cfg.data.image_norm)
             loss, _ = model({k: torch.as_tensor(b[k]) for k in MODEL_KEYS})
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -78,7 +78,9 @@ def main() -> None:
         laptop = load_config(REPO / "configs" / "laptop.yaml", [f"optim.epochs={args.epochs}"])
         pool = read_table(str(data / "UTO"), columns=COLUMNS)
         pool = pool.filter(pc.and_(pool.column("has_image"), pool.column("has_profile")))
-        lab = load_labelled(str(data / "LAB"), laptop.data.image_size, laptop.data.profile_length)
+        lab = load_labelled(
+            str(data / "LAB"), laptop.data.image_size, laptop.data.profile_length, image_norm=laptop.data.image_norm
+        )
         results: dict[float, list[dict]] = {}
         for scale in args.scales:
             cfg = load_config(

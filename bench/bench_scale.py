@@ -143,7 +143,9 @@ def plain_embed(ckpt: Path, shards: list[Path]) -> int:
     n = 0
     for f in shards:
         for table in iter_tables(f, columns=COLUMNS, batch_rows=256):
-            batch = table_to_model_batch(table, cfg.data.image_size, cfg.data.profile_length)
+            batch = table_to_model_batch(
+                table, cfg.data.image_size, cfg.data.profile_length, image_norm=cfg.data.image_norm
+            )
             embed_arrays(module, batch, device)
             n += table.num_rows
     return n
@@ -168,7 +170,9 @@ def quick_train(cfg: Any, shards: list[Path], steps: int, batch_rows: int, seed:
     while step < steps:
         for f in shards:
             for table in iter_tables(f, columns=COLUMNS, batch_rows=batch_rows):
-                batch = table_to_model_batch(table, cfg.data.image_size, cfg.data.profile_length, aug, rng)
+                batch = table_to_model_batch(
+                    table, cfg.data.image_size, cfg.data.profile_length, aug, rng, cfg.data.image_norm
+                )
                 loss, _ = module({k: torch.as_tensor(batch[k]).to(device) for k in MODEL_KEYS})
                 opt.zero_grad()
                 loss.backward()

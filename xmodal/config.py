@@ -37,6 +37,12 @@ class DataConfig:
     train: str = "demo_out/data/uto"  # Parquet folder of (unlabelled) paired particles
     val: str = ""  # labelled Parquet folder for the validation gallery k-NN score; "" = none
     image_size: int = 32
+    # Gray levels -> model input. "background": the crop's background level (median of the border of
+    # the resized crop) maps to 0, values (pixel - background) / 255, so a particle looks the same on a
+    # brighter or darker background (instruments, lamps and domains differ). "fixed": the paper's
+    # 0..255 -> [-1, 1]. On an independently written generator the background mapping raised image-only
+    # k-NN across domains (LAB gallery, SEA queries, n = 16) from 46.8 to 63.5 %; neutral on ours.
+    image_norm: str = "background"
     profile_length: int = 64  # profiles are resampled to this many samples
     val_max_particles: int = 2000
     seed: int = 0

@@ -60,12 +60,29 @@ def test_16_bit_images_are_scaled_not_clipped_and_ingest_agrees():
 def test_images_to_array_range_and_missing_rows():
     rng = np.random.default_rng(0)
     imgs = [png(rng.integers(0, 256, (30, 10), dtype=np.uint8)), None, png(np.full((5, 5), 255, np.uint8))]
-    x, hw = images_to_array(imgs, 16)
+    x, hw = images_to_array(imgs, 16, image_norm="fixed")
     assert x.shape == (3, 1, 16, 16) and x.dtype == np.float32
     assert x.min() >= -1 and x.max() <= 1
     assert (x[1] == 0).all() and (hw[1] == 0).all()
     assert np.allclose(x[2], 1.0)
     assert hw[0].tolist() == [30, 10]
+
+
+def test_background_norm_maps_the_crop_background_to_zero_whatever_its_level():
+    """(pixel - border median) / 255 against the formula, and the same particle on a background
+    40 gray levels brighter gives the same input."""
+    a = np.full((20, 30), 150, np.uint8)
+    a[6:14, 10:20] = 60  # a dark particle
+    x, _ = images_to_array([png(a), png(a + 40)], 30, image_norm="background")
+    fixed, _ = images_to_array([png(a)], 30, image_norm="fixed")
+    np.testing.assert_allclose(x[0], x[1], atol=1e-6)
+    resized = (fixed[0] + 1.0) * 127.5  # back to gray levels
+    np.testing.assert_allclose(x[0], (resized - 150) / 255, atol=1e-5)
+    assert x[0].min() == pytest.approx(-90 / 255, abs=1e-5) and np.median(x[0]) == pytest.approx(0, abs=1e-6)
+    extreme, _ = images_to_array([png(np.array([[0, 255], [255, 255]], np.uint8))], 8, image_norm="background")
+    assert extreme.min() >= -1 and extreme.max() <= 1
+    with pytest.raises(ValueError, match="image_norm"):
+        images_to_array([png(a)], 30, image_norm="per-image")
 
 
 def test_normalise_profile_formula_and_extremes():

@@ -103,6 +103,17 @@ def test_checkpoint_round_trip_is_weights_only(tmp_path):
     assert resolve_checkpoint(tmp_path) == d
 
 
+def test_checkpoints_from_before_image_norm_load_with_the_fixed_mapping_they_were_trained_on(tmp_path):
+    cfg = Config()
+    assert cfg.data.image_norm == "background"
+    d = save_checkpoint(tmp_path / "checkpoint_000001", cfg, torch.nn.Linear(2, 2), epoch=1, global_step=1)
+    assert load_checkpoint(d)["config"].data.image_norm == "background"
+    state = torch.load(d / "checkpoint.pt", weights_only=True)
+    del state["config"]["data"]["image_norm"]  # as written before the setting existed
+    torch.save(state, d / "checkpoint.pt")
+    assert load_checkpoint(d)["config"].data.image_norm == "fixed"
+
+
 def test_load_refuses_foreign_files(tmp_path):
     torch.save({"weights": torch.zeros(1)}, tmp_path / "checkpoint.pt")
     with pytest.raises(ValueError, match="not an xmodal checkpoint"):

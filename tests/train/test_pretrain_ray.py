@@ -136,7 +136,9 @@ def test_driver_killed_resumes_then_embeds_and_benchmarks(
     cfg = state["config"]
     torch.manual_seed(0)
     random_state = {"config": cfg, "model": build_model(cfg).state_dict()}
-    lab = load_labelled(str(tiny_data / "LAB"), cfg.data.image_size, cfg.data.profile_length)
+    lab = load_labelled(
+        str(tiny_data / "LAB"), cfg.data.image_size, cfg.data.profile_length, image_norm=cfg.data.image_norm
+    )
     cpu = torch.device("cpu")
     for tag, st in (("trained", load_checkpoint(newest)), ("random", random_state)):
         write_embeddings(

@@ -40,10 +40,15 @@ def _batch_rng(seed: int, particle_ids: Any) -> np.random.Generator:
 
 
 def preprocess_batch(
-    batch: dict[str, Any], image_size: int, profile_length: int, augment: Augment | None, seed: int
+    batch: dict[str, Any],
+    image_size: int,
+    profile_length: int,
+    augment: Augment | None,
+    seed: int,
+    image_norm: str = "background",
 ) -> dict[str, np.ndarray]:
     rng = _batch_rng(seed, batch["particle_id"]) if augment is not None else None
-    return to_model_batch(batch, image_size, profile_length, augment, rng)
+    return to_model_batch(batch, image_size, profile_length, augment, rng, image_norm)
 
 
 def table_to_model_batch(
@@ -52,11 +57,12 @@ def table_to_model_batch(
     profile_length: int,
     augment: Augment | None = None,
     rng: np.random.Generator | None = None,
+    image_norm: str = "background",
 ) -> dict[str, np.ndarray]:
     """Parquet rows (a pyarrow table holding ``COLUMNS``) -> model arrays, in-process."""
     cols = {c: table.column(c).to_numpy(zero_copy_only=False) for c in COLUMNS if c != "profile"}
     cols["profile"] = table.column("profile").to_pylist()
-    return to_model_batch(cols, image_size, profile_length, augment, rng)
+    return to_model_batch(cols, image_size, profile_length, augment, rng, image_norm)
 
 
 def paired_only(batch: dict[str, Any]) -> dict[str, Any]:
@@ -100,12 +106,18 @@ def train_dataset(cfg: DataConfig, augment: bool = True, batch_size: int = 64):
             "profile_length": cfg.profile_length,
             "augment": aug,
             "seed": cfg.seed,
+            "image_norm": cfg.image_norm,
         },
     )
 
 
 def load_labelled(
-    path: str, image_size: int, profile_length: int, max_particles: int = 0, seed: int = 0
+    path: str,
+    image_size: int,
+    profile_length: int,
+    max_particles: int = 0,
+    seed: int = 0,
+    image_norm: str = "background",
 ) -> dict[str, np.ndarray]:
     """A small labelled set, preprocessed in-process (no augmentation): validation galleries.
 
@@ -125,7 +137,7 @@ def load_labelled(
             seen[lab] = rank[j] + 1
         idx = np.sort(idx[np.argsort(rank, kind="stable")[:max_particles]])
     table = table.take(idx)
-    batch = table_to_model_batch(table, image_size, profile_length)
+    batch = table_to_model_batch(table, image_size, profile_length, image_norm=image_norm)
     batch["label"] = labels[idx]
     batch["particle_id"] = np.asarray(table.column("particle_id").to_pylist(), dtype=object)
     batch["domain"] = table.column("domain").to_numpy(zero_copy_only=False)

@@ -88,13 +88,27 @@ def _random_crop_box(h: int, w: int, scale_min: float, rng: np.random.Generator)
     return top, left, ch, cw
 
 
+IMAGE_NORMS = ("background", "fixed")  # see DataConfig.image_norm
+
+
+def check_image_norm(image_norm: str) -> None:
+    if image_norm not in IMAGE_NORMS:
+        raise ValueError(f"data.image_norm must be one of {list(IMAGE_NORMS)}, got {image_norm!r}")
+
+
 def images_to_array(
-    images: list[bytes | None], size: int, aug: Augment | None = None, rng: np.random.Generator | None = None
+    images: list[bytes | None],
+    size: int,
+    aug: Augment | None = None,
+    rng: np.random.Generator | None = None,
+    image_norm: str = "background",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Decode a batch -> (float32 (B, 1, S, S) in [-1, 1], float32 (B, 2) original H, W).
 
-    Rows without an image are zeros with H = W = 0.
+    ``image_norm`` (``DataConfig.image_norm``): "background" = (pixel - median of the resized crop's
+    border) / 255, "fixed" = pixel / 127.5 - 1. Rows without an image are zeros with H = W = 0.
     """
+    check_image_norm(image_norm)
     out = np.zeros((len(images), 1, size, size), dtype=np.float32)
     hw = np.zeros((len(images), 2), dtype=np.float32)
     for i, data in enumerate(images):
@@ -106,7 +120,13 @@ def images_to_array(
             top, left, ch, cw = _random_crop_box(img.shape[0], img.shape[1], aug.crop_scale_min, rng)
             img = img[top : top + ch, left : left + cw]
         out[i, 0] = resize_and_pad(img, size)
-    out = out * (2.0 / 255.0) - 1.0
+    if image_norm == "background":
+        # edge padding repeats the crop's own border, so the border median is its background
+        s = out[:, 0]
+        border = np.concatenate([s[:, 0, :], s[:, -1, :], s[:, 1:-1, 0], s[:, 1:-1, -1]], axis=1)
+        out = (out - np.median(border, axis=1)[:, None, None, None]) * (1.0 / 255.0)
+    else:
+        out = out * (2.0 / 255.0) - 1.0
     out[hw[:, 0] == 0] = 0.0
     return out, hw
 
@@ -193,13 +213,14 @@ def to_model_batch(
     profile_length: int,
     aug: Augment | None = None,
     rng: np.random.Generator | None = None,
+    image_norm: str = "background",
 ) -> dict[str, np.ndarray]:
     """Parquet columns (numpy batch) -> the model batch of docs/INTERFACES.md."""
     has_image = np.asarray(batch["has_image"], dtype=bool)
     has_profile = np.asarray(batch["has_profile"], dtype=bool)
     images = [b if h else None for b, h in zip(batch["image"], has_image)]
     lengths = np.asarray(batch["profile_length"], dtype=np.int64)
-    image, _ = images_to_array(images, image_size, aug, rng)
+    image, _ = images_to_array(images, image_size, aug, rng, image_norm)
     hw = np.stack([np.asarray(batch["image_height"]), np.asarray(batch["image_width"])], axis=1).astype(
         np.float32
     )

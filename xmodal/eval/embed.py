@@ -75,11 +75,13 @@ def model_from_state(state: dict[str, Any], device: torch.device) -> torch.nn.Mo
 KEEP = ("particle_id", "label", "domain", "path")  # carried past the model into the output rows
 
 
-def prepare_rows(table: pa.Table, image_size: int, profile_length: int) -> dict[str, np.ndarray]:
+def prepare_rows(
+    table: pa.Table, image_size: int, profile_length: int, image_norm: str = "background"
+) -> dict[str, np.ndarray]:
     """Ray Data CPU task: Parquet rows -> model arrays (decode, resize, profile normalisation) plus
     the id columns. Kept out of the model actors so that decoding runs on every CPU of the cluster
     in parallel while the actors (one per GPU) only run the model."""
-    batch = table_to_model_batch(table, image_size, profile_length)
+    batch = table_to_model_batch(table, image_size, profile_length, image_norm=image_norm)
     out = {k: batch[k] for k in MODEL_KEYS}
     for c in KEEP:
         # Ray Data turns an all-null object column into floats on the way to the actor: ship the
@@ -282,6 +284,7 @@ def embed(
                 fn_kwargs={
                     "image_size": state["config"].data.image_size,
                     "profile_length": state["config"].data.profile_length,
+                    "image_norm": state["config"].data.image_norm,
                 },
             )
             ds = ds.map_batches(

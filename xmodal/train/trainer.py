@@ -64,7 +64,10 @@ def build_trainer(
     from ray.train.torch import TorchTrainer
 
     from xmodal.data.pipeline import load_labelled, train_dataset
+    from xmodal.data.transforms import check_image_norm
     from xmodal.train.loop import train_loop_per_worker
+
+    check_image_norm(cfg.data.image_norm)  # before any Ray work starts
 
     storage = durable(storage_path or cfg.train.storage_path, "train.storage_path")
     n_train = count_paired(cfg.data.train)
@@ -84,6 +87,7 @@ def build_trainer(
                 cfg.data.profile_length,
                 cfg.data.val_max_particles,
                 cfg.data.seed,
+                cfg.data.image_norm,
             )
         )
     per_worker_bs = max(1, cfg.optim.batch_size // workers // cfg.optim.grad_accum)

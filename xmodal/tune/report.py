@@ -233,6 +233,7 @@ def gallery_curves(rows: list[TrialRow], out_dir: Path) -> None:
             cfg.data.profile_length,
             cfg.data.val_max_particles,
             cfg.data.seed,
+            cfg.data.image_norm,
         )
         es = embedding_set(val, embed_arrays(model_from_state(state, device), val, device))
         results.append(

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from xmodal.config import Config, OptimConfig
+from xmodal.config import Config, OptimConfig, config_from_dict
 from xmodal.train.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from xmodal.train.optim import build_optimizer, build_scheduler, warmup_cosine
 
@@ -104,8 +104,8 @@ def test_checkpoint_round_trip_is_weights_only(tmp_path):
 
 
 def test_checkpoints_from_before_image_norm_load_with_the_fixed_mapping_they_were_trained_on(tmp_path):
-    cfg = Config()
-    assert cfg.data.image_norm == "background"
+    cfg = config_from_dict({"data": {"image_norm": "background"}})
+    assert Config().data.image_norm == "fixed"
     d = save_checkpoint(tmp_path / "checkpoint_000001", cfg, torch.nn.Linear(2, 2), epoch=1, global_step=1)
     assert load_checkpoint(d)["config"].data.image_norm == "background"
     state = torch.load(d / "checkpoint.pt", weights_only=True)

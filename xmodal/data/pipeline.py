@@ -45,7 +45,7 @@ def preprocess_batch(
     profile_length: int,
     augment: Augment | None,
     seed: int,
-    image_norm: str = "background",
+    image_norm: str = "fixed",
 ) -> dict[str, np.ndarray]:
     rng = _batch_rng(seed, batch["particle_id"]) if augment is not None else None
     return to_model_batch(batch, image_size, profile_length, augment, rng, image_norm)
@@ -57,7 +57,7 @@ def table_to_model_batch(
     profile_length: int,
     augment: Augment | None = None,
     rng: np.random.Generator | None = None,
-    image_norm: str = "background",
+    image_norm: str = "fixed",
 ) -> dict[str, np.ndarray]:
     """Parquet rows (a pyarrow table holding ``COLUMNS``) -> model arrays, in-process."""
     cols = {c: table.column(c).to_numpy(zero_copy_only=False) for c in COLUMNS if c != "profile"}
@@ -117,7 +117,7 @@ def load_labelled(
     profile_length: int,
     max_particles: int = 0,
     seed: int = 0,
-    image_norm: str = "background",
+    image_norm: str = "fixed",
 ) -> dict[str, np.ndarray]:
     """A small labelled set, preprocessed in-process (no augmentation): validation galleries.
 

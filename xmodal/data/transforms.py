@@ -88,7 +88,7 @@ def _random_crop_box(h: int, w: int, scale_min: float, rng: np.random.Generator)
     return top, left, ch, cw
 
 
-IMAGE_NORMS = ("background", "fixed")  # see DataConfig.image_norm
+IMAGE_NORMS = ("fixed", "background")  # see DataConfig.image_norm
 
 
 def check_image_norm(image_norm: str) -> None:
@@ -101,12 +101,12 @@ def images_to_array(
     size: int,
     aug: Augment | None = None,
     rng: np.random.Generator | None = None,
-    image_norm: str = "background",
+    image_norm: str = "fixed",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Decode a batch -> (float32 (B, 1, S, S) in [-1, 1], float32 (B, 2) original H, W).
 
-    ``image_norm`` (``DataConfig.image_norm``): "background" = (pixel - median of the resized crop's
-    border) / 255, "fixed" = pixel / 127.5 - 1. Rows without an image are zeros with H = W = 0.
+    ``image_norm`` (``DataConfig.image_norm``): "fixed" = pixel / 127.5 - 1, "background" = (pixel -
+    median of the resized crop's border) / 255. Rows without an image are zeros with H = W = 0.
     """
     check_image_norm(image_norm)
     out = np.zeros((len(images), 1, size, size), dtype=np.float32)
@@ -213,7 +213,7 @@ def to_model_batch(
     profile_length: int,
     aug: Augment | None = None,
     rng: np.random.Generator | None = None,
-    image_norm: str = "background",
+    image_norm: str = "fixed",
 ) -> dict[str, np.ndarray]:
     """Parquet columns (numpy batch) -> the model batch of docs/INTERFACES.md."""
     has_image = np.asarray(batch["has_image"], dtype=bool)

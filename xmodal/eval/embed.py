@@ -76,7 +76,7 @@ KEEP = ("particle_id", "label", "domain", "path")  # carried past the model into
 
 
 def prepare_rows(
-    table: pa.Table, image_size: int, profile_length: int, image_norm: str = "background"
+    table: pa.Table, image_size: int, profile_length: int, image_norm: str = "fixed"
 ) -> dict[str, np.ndarray]:
     """Ray Data CPU task: Parquet rows -> model arrays (decode, resize, profile normalisation) plus
     the id columns. Kept out of the model actors so that decoding runs on every CPU of the cluster

@@ -57,8 +57,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     state = torch.load(f, map_location=map_location, weights_only=True)
     if not isinstance(state, dict) or state.get("format") != "xmodal-checkpoint-1":
         raise ValueError(f"{f} is not an xmodal checkpoint (missing format tag)")
-    # Checkpoints written before data.image_norm existed were trained on the paper's fixed mapping.
-    state["config"].setdefault("data", {}).setdefault("image_norm", "fixed")
     state["config"] = config_from_dict(state["config"], where=str(f))
     return state
 

@@ -67,7 +67,8 @@ def build_trainer(
     from xmodal.data.transforms import check_image_norm
     from xmodal.train.loop import train_loop_per_worker
 
-    check_image_norm(cfg.data.image_norm)  # before any Ray work starts
+    # here, not first in a Ray Data task deep inside the run (the validation set may be absent)
+    check_image_norm(cfg.data.image_norm)
 
     storage = durable(storage_path or cfg.train.storage_path, "train.storage_path")
     n_train = count_paired(cfg.data.train)

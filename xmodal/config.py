@@ -60,6 +60,9 @@ class ModelConfig:
     embed_dim: int = 128
     metadata: bool = True  # append original H, W (image) and length (profile) before the projection
     pretrained_path: str = ""  # local weights file for the image encoder (never a hub download)
+    # Pretraining-pool particles whose mean unit embedding is subtracted from every embedding before
+    # its final L2 normalisation (xmodal/models/center.py); 0 = no centring.
+    center_particles: int = 1024
 
 
 @dataclass

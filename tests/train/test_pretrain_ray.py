@@ -122,6 +122,10 @@ def test_driver_killed_resumes_then_embeds_and_benchmarks(
     assert Path(summary["best_checkpoint"]) == best
     assert 1 <= state["epoch"] <= EPOCHS and 0 <= state["metrics"]["val_score"] <= 1
     assert list((run_dir / "tb").glob("events.out.tfevents.*")), "no TensorBoard event file"
+    # the embedding center was measured on rank 0 and saved with the weights (a zero center = none)
+    for m in ("image", "profile"):
+        norm = float(state["model"][f"embed_center.{m}"].norm())
+        assert 0 < norm <= 1 and norm == pytest.approx(state["metrics"][f"center_norm_{m}"], rel=1e-5)
 
     # trained (the last epoch's weights: the best-scoring checkpoint of a 2-epoch run can be the
     # barely trained first one) vs the same architecture with random weights, same data and protocol;
@@ -207,6 +211,8 @@ def test_dino_baseline_trains_through_ray_train_and_embeds_image_only(ray_sessio
     result = pretrain(cfg, name="dino")
     assert result.best_checkpoint is not None
     assert 0 <= result.best_metrics["val_I-I"] <= 1 and "val_P-P" not in result.best_metrics
+    assert 0 < result.best_metrics["center_norm_image"] <= 1
+    assert "center_norm_profile" not in result.best_metrics
     embed(result.run_dir, tiny_data / "LAB", tmp_path / "emb")
     es = load_embeddings(tmp_path / "emb")
     assert es.image_valid.all() and not es.profile_valid.any()

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from xmodal.config import DataConfig
-from xmodal.data.schema import parquet_files, read_table
+from xmodal.data.schema import parquet_files, read_table, sample_table
 from xmodal.data.transforms import Augment, to_model_batch
 
 COLUMNS = [
@@ -142,3 +142,17 @@ def load_labelled(
     batch["particle_id"] = np.asarray(table.column("particle_id").to_pylist(), dtype=object)
     batch["domain"] = table.column("domain").to_numpy(zero_copy_only=False)
     return batch
+
+
+def load_sample(
+    path: str,
+    image_size: int,
+    profile_length: int,
+    max_particles: int,
+    seed: int = 0,
+    image_norm: str = "fixed",
+) -> dict[str, np.ndarray]:
+    """A seeded random sample of any dataset (labels ignored), preprocessed in-process without
+    augmentation: the pretraining pool's sample for the embedding center (xmodal/models/center.py)."""
+    table = sample_table(path, COLUMNS, max_particles, seed)
+    return table_to_model_batch(table, image_size, profile_length, image_norm=image_norm)

@@ -191,6 +191,30 @@ def read_table(path: str | Path, columns: list[str] | None = None) -> pa.Table:
     return pa.concat_tables([pq.read_table(f, columns=columns) for f in parquet_files(path)])
 
 
+def sample_table(
+    path: str | Path, columns: list[str] | None, max_rows: int, seed: int = 0, max_groups: int = 8
+) -> pa.Table:
+    """Up to ``max_rows`` rows drawn at random (seeded) from up to ``max_groups`` row groups picked
+    at random across the dataset's files: Parquet reads whole row groups, so this bounds the read
+    however large the dataset is, and spreads the sample over it."""
+    if max_rows < 1:
+        raise ValueError(f"sample_table: max_rows must be >= 1, got {max_rows}")
+    rng = np.random.default_rng(seed)
+    groups = []
+    for f in parquet_files(path):
+        meta = pq.ParquetFile(f).metadata
+        groups += [(f, i) for i in range(meta.num_row_groups) if meta.row_group(i).num_rows]
+    if not groups:
+        raise ValueError(f"sample_table: {path} holds no rows")
+    picked = sorted(rng.permutation(len(groups))[:max_groups])
+    table = pa.concat_tables(
+        [pq.ParquetFile(groups[j][0]).read_row_group(groups[j][1], columns=columns) for j in picked]
+    )
+    if table.num_rows > max_rows:
+        table = table.take(np.sort(rng.choice(table.num_rows, max_rows, replace=False)))
+    return table
+
+
 def iter_tables(
     path: str | Path, columns: list[str] | None = None, batch_rows: int = 4096
 ) -> Iterator[pa.Table]:

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from xmodal.models.center import EmbeddingCenter
+
 Batch = Mapping[str, torch.Tensor]
 
 
@@ -42,6 +44,7 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
 
 class XModalModule(nn.Module, abc.ABC):
     modalities: tuple[str, ...] = ()
+    embed_center: EmbeddingCenter  # applied by ``embed``; set by the training loop
 
     @abc.abstractmethod
     def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
@@ -50,8 +53,9 @@ class XModalModule(nn.Module, abc.ABC):
     @abc.abstractmethod
     def embed(self, batch: Batch) -> dict[str, torch.Tensor | None]:
         """L2-normalised (B, E) embeddings per modality (None for a modality the model lacks),
-        computed in eval mode. Rows whose ``has_image``/``has_profile`` is False get an embedding
-        of the zero input: the caller must treat them as missing."""
+        centred by ``embed_center`` (xmodal/models/center.py), computed in eval mode. Rows whose
+        ``has_image``/``has_profile`` is False get an embedding of the zero input: the caller must
+        treat them as missing."""
 
     @abc.abstractmethod
     def after_step(self, progress: float) -> None:

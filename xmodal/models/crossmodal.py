@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from xmodal.models.base import Batch, XModalModule, eval_mode, require
+from xmodal.models.center import EmbeddingCenter
 from xmodal.models.heads import ProjectionHead
 from xmodal.models.losses import ContrastiveLoss
 
@@ -34,6 +35,7 @@ class CrossModalModel(XModalModule):
             int(profile_encoder.out_dim), embed_dim, PROFILE_META_DIM if metadata else 0
         )
         self.loss = loss
+        self.embed_center = EmbeddingCenter({"image": embed_dim, "profile": embed_dim})
 
     def encode_image(self, batch: Batch) -> torch.Tensor:
         meta = require(batch, "image_meta") if self.metadata else None
@@ -50,7 +52,10 @@ class CrossModalModel(XModalModule):
 
     def embed(self, batch: Batch) -> dict[str, torch.Tensor | None]:
         with eval_mode(self):
-            return {"image": self.encode_image(batch), "profile": self.encode_profile(batch)}
+            return {
+                "image": self.embed_center("image", self.encode_image(batch)),
+                "profile": self.embed_center("profile", self.encode_profile(batch)),
+            }
 
     def after_step(self, progress: float) -> None:
         self.loss.after_step()

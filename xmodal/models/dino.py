@@ -27,6 +27,7 @@ from torch import nn
 
 from xmodal.config import LossConfig
 from xmodal.models.base import Batch, XModalModule, eval_mode, require
+from xmodal.models.center import EmbeddingCenter
 from xmodal.models.distributed import all_reduce_sum, world
 from xmodal.models.image import feature_width
 from xmodal.models.multicrop import random_resized_views
@@ -145,6 +146,7 @@ class DinoModel(XModalModule):
         self.loss = loss
         # A buffer, so that a resumed run continues the temperature schedule where it stopped.
         self.register_buffer("progress", torch.zeros(()))
+        self.embed_center = EmbeddingCenter({"image": feature_dim})
 
     def momentum_at(self, progress: float) -> float:
         """Teacher EMA momentum: cosine from ``momentum`` at progress 0 to 1 at progress 1."""
@@ -189,7 +191,7 @@ class DinoModel(XModalModule):
     def embed(self, batch: Batch) -> dict[str, torch.Tensor | None]:
         with eval_mode(self):
             feats = self.teacher["backbone"](require(batch, "image"))
-            return {"image": F.normalize(feats, dim=-1), "profile": None}
+            return {"image": self.embed_center("image", F.normalize(feats, dim=-1)), "profile": None}
 
     @torch.no_grad()
     def after_step(self, progress: float) -> None:

@@ -61,7 +61,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     from xmodal.models.build import build_model
     from xmodal.models.cpu_kernels import use_small_map_depthwise
-    from xmodal.train.validate import validate
+    from xmodal.train.validate import update_center, validate
 
     cfg: Config = config_from_dict(loop_config["cfg"])
     ctx = ray.train.get_context()
@@ -96,9 +96,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         scheduler.load_state_dict(resume["scheduler"])
 
     logger = MetricsLogger(loop_config["run_dir"]) if rank == 0 else None
-    val_data = loop_config.get("val")
+    val_data, center_data = (loop_config.get(k) for k in ("val", "center"))
     if val_data is not None and not isinstance(val_data, dict):
         val_data = ray.get(val_data)
+    if center_data is not None and not isinstance(center_data, dict):
+        center_data = ray.get(center_data) if rank == 0 else None
     shard = ray.train.get_dataset_shard("train")
     total_steps = cfg.optim.epochs * steps_per_epoch
     t_run = time.time()
@@ -169,6 +171,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             raise NonFiniteLossError(f"epoch {epoch + 1}: mean training loss is not finite")
         is_ckpt_epoch = (epoch + 1) % cfg.train.checkpoint_every == 0 or epoch + 1 == cfg.optim.epochs
         if rank == 0:
+            if center_data is not None:  # first: the validation score sees the embeddings users get
+                metrics.update(update_center(module, center_data, device))
             if val_data is not None:
                 metrics.update(validate(module, val_data, cfg, device))
             metrics.setdefault("val_score", -metrics["train_loss"])  # no labelled set: rank by loss

@@ -63,7 +63,7 @@ def build_trainer(
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from xmodal.data.pipeline import load_labelled, train_dataset
+    from xmodal.data.pipeline import load_labelled, load_sample, train_dataset
     from xmodal.data.transforms import check_image_norm
     from xmodal.train.loop import train_loop_per_worker
 
@@ -78,19 +78,19 @@ def build_trainer(
             f"{cfg.data.train}: {n_train} paired particles, fewer than one global batch "
             f"(optim.batch_size={cfg.optim.batch_size}); lower the batch size or add data"
         )
-    val = None
-    if cfg.data.val:
-        # shipped through the object store so workers never need the driver's disk
-        val = ray.put(
-            load_labelled(
-                cfg.data.val,
-                cfg.data.image_size,
-                cfg.data.profile_length,
-                cfg.data.val_max_particles,
-                cfg.data.seed,
-                cfg.data.image_norm,
-            )
+    if cfg.model.center_particles < 0:
+        raise ValueError(
+            f"model.center_particles must be >= 0 (0 = no centring), got {cfg.model.center_particles}"
         )
+    d, n_center = cfg.data, cfg.model.center_particles
+    # shipped through the object store so workers never need the driver's disk
+    val = center = None
+    if d.val:
+        val = ray.put(
+            load_labelled(d.val, d.image_size, d.profile_length, d.val_max_particles, d.seed, d.image_norm)
+        )
+    if n_center:
+        center = ray.put(load_sample(d.train, d.image_size, d.profile_length, n_center, d.seed, d.image_norm))
     per_worker_bs = max(1, cfg.optim.batch_size // workers // cfg.optim.grad_accum)
     resources = {"CPU": cfg.train.cpus_per_worker}
     if cfg.train.use_gpu:
@@ -100,6 +100,7 @@ def build_trainer(
         train_loop_config={
             "cfg": cfg.to_dict(),
             "val": val,
+            "center": center,
             "n_train": n_train,
             "run_dir": join(storage, name),
         },

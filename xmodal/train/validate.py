@@ -1,5 +1,6 @@
-"""Per-epoch validation on rank 0: validation loss, in-batch retrieval, and the gallery k-NN
-score (the same protocol code as ``xmodal benchmark``) on a small labelled set."""
+"""Per-epoch validation on rank 0: the embedding center from a sample of the pretraining pool,
+then validation loss, in-batch retrieval, and the gallery k-NN score (the same protocol code as
+``xmodal benchmark``) on a small labelled set."""
 
 from __future__ import annotations
 
@@ -14,6 +15,24 @@ from xmodal.eval.protocol import gallery_score
 from xmodal.models.distributed import local_only
 
 VAL_CHUNK = 256
+
+
+@torch.no_grad()
+def update_center(
+    module: torch.nn.Module, sample: dict[str, np.ndarray], device: torch.device
+) -> dict[str, float]:
+    """Set ``module.embed_center`` to the mean unit embedding, per modality, of the ``sample`` rows
+    that have that modality (embedded uncentred, in eval mode). Returns each mean's norm: 0 for
+    embeddings spread evenly around the origin, near 1 when they all point one way."""
+    module.embed_center.reset()
+    emb = embed_arrays(module, sample, device, VAL_CHUNK)
+    means = {}
+    for modality, e in emb.items():
+        valid = np.asarray(sample[f"has_{modality}"], bool)
+        if e is not None and valid.any():
+            means[modality] = torch.as_tensor(e[valid].astype(np.float64).mean(axis=0), dtype=torch.float32)
+    module.embed_center.set(means)
+    return {f"center_norm_{m}": float(v.norm()) for m, v in means.items()}
 
 
 @torch.no_grad()

@@ -40,7 +40,7 @@ def scores(model, lab: dict) -> dict[str, list[float]]:
     return {c: [100 * r.cell(c, n, 3).mean() for n in SIZES] for c in COMBOS}
 
 
-def train(cfg, pool, lab: dict, seed: int) -> tuple[dict, dict]:
+def train(cfg, pool, lab: dict, seed: int) -> tuple[dict, dict, torch.nn.Module]:
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = build_model(cfg)
@@ -62,7 +62,7 @@ def train(cfg, pool, lab: dict, seed: int) -> tuple[dict, dict]:
             opt.step()
             sched.step()
             model.after_step(0.0)
-    return random_scores, scores(model, lab)
+    return random_scores, scores(model, lab), model
 
 
 def main() -> None:
@@ -87,7 +87,7 @@ def main() -> None:
                 REPO / "configs" / "laptop.yaml", [f"loss.logit_scale={scale}", f"optim.epochs={args.epochs}"]
             )
             for seed in range(args.seeds):
-                rand, trained = train(cfg, pool, lab, seed)
+                rand, trained, _ = train(cfg, pool, lab, seed)
                 results.setdefault(scale, []).append(trained)
                 for tag, sc in (("random", rand), (f"scale {scale:.3g}", trained)):
                     line = "  ".join(f"{c} " + "/".join(f"{v:.1f}" for v in sc[c]) for c in COMBOS)

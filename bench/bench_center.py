@@ -17,20 +17,17 @@ import sys
 import tempfile
 from pathlib import Path
 
-import pyarrow.compute as pc
 import torch
 
 from xmodal.config import load_config
-from xmodal.data.pipeline import COLUMNS, load_labelled, load_sample
-from xmodal.data.schema import read_table
-from xmodal.data.synth import synthesize
+from xmodal.data.pipeline import load_labelled, load_sample
 from xmodal.eval.embed import embed_arrays, embedding_set, model_from_state
 from xmodal.eval.protocol import run_protocol
 from xmodal.train.checkpoint import load_checkpoint, resolve_checkpoint
 from xmodal.train.validate import update_center
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_logit_scale import train  # noqa: E402 (the same single-process loop)
+from bench_logit_scale import demo_pool, train  # noqa: E402 (the same data and single-process loop)
 
 REPO = Path(__file__).resolve().parents[1]
 IN = ("I-I", "P-P", "I+P-I+P", "I-P", "P-I")
@@ -84,10 +81,8 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp)
-        synthesize(data, n_lab=1200, n_sea=600, n_uto=4000, seed=0, fmt="parquet", image_size=64)
+        pool = demo_pool(data, n_sea=600)
         cfg = load_config(REPO / "configs" / "laptop.yaml", [f"optim.epochs={args.epochs}"])
-        pool = read_table(str(data / "UTO"), columns=COLUMNS)
-        pool = pool.filter(pc.and_(pool.column("has_image"), pool.column("has_profile")))
         lab = load_labelled(str(data / "LAB"), cfg.data.image_size, cfg.data.profile_length)
         model = train(cfg, pool, lab, seed=0)[2]
         d = cfg.data

@@ -55,7 +55,9 @@ def train(cfg, pool, lab: dict, seed: int) -> tuple[dict, dict, torch.nn.Module]
         order = rng.permutation(n)
         for s in range(steps):
             rows = pool.take(order[s * bs : (s + 1) * bs])
-            b = table_to_model_batch(rows, cfg.data.image_size, cfg.data.profile_length, aug, rng, cfg.data.image_norm)
+            b = table_to_model_batch(
+                rows, cfg.data.image_size, cfg.data.profile_length, aug, rng, cfg.data.image_norm
+            )
             loss, _ = model({k: torch.as_tensor(b[k]) for k in MODEL_KEYS})
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -63,6 +65,14 @@ def train(cfg, pool, lab: dict, seed: int) -> tuple[dict, dict, torch.nn.Module]
             sched.step()
             model.after_step(0.0)
     return random_scores, scores(model, lab), model
+
+
+def demo_pool(data: Path, n_sea: int = 0):
+    """The demo's data (make demo) written to ``data``: 4000 unlabelled UTO particles to train, 1200
+    labelled LAB (and ``n_sea`` SEA); returns the UTO particles that have both modalities."""
+    synthesize(data, n_lab=1200, n_sea=n_sea, n_uto=4000, seed=0, fmt="parquet", image_size=64)
+    pool = read_table(str(data / "UTO"), columns=COLUMNS)
+    return pool.filter(pc.and_(pool.column("has_image"), pool.column("has_profile")))
 
 
 def main() -> None:
@@ -73,13 +83,13 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp)
-        # the demo's data (make demo): 4000 unlabelled UTO particles to train, 1200 labelled LAB
-        synthesize(data, n_lab=1200, n_sea=0, n_uto=4000, seed=0, fmt="parquet", image_size=64)
+        pool = demo_pool(data)
         laptop = load_config(REPO / "configs" / "laptop.yaml", [f"optim.epochs={args.epochs}"])
-        pool = read_table(str(data / "UTO"), columns=COLUMNS)
-        pool = pool.filter(pc.and_(pool.column("has_image"), pool.column("has_profile")))
         lab = load_labelled(
-            str(data / "LAB"), laptop.data.image_size, laptop.data.profile_length, image_norm=laptop.data.image_norm
+            str(data / "LAB"),
+            laptop.data.image_size,
+            laptop.data.profile_length,
+            image_norm=laptop.data.image_norm,
         )
         results: dict[float, list[dict]] = {}
         for scale in args.scales:
@@ -93,7 +103,9 @@ def main() -> None:
                     line = "  ".join(f"{c} " + "/".join(f"{v:.1f}" for v in sc[c]) for c in COMBOS)
                     print(f"seed {seed} {tag:>12}: {line}   (n = {'/'.join(map(str, SIZES))})", flush=True)
     first = args.scales[0]
-    print(f"\nmean accuracy (%) over {args.seeds} seeds at n = {SIZES[-1]}, and difference to scale {first:.3g}:")
+    print(
+        f"\nmean accuracy (%) over {args.seeds} seeds at n = {SIZES[-1]}, and difference to scale {first:.3g}:"
+    )
     ref = {c: np.mean([r[c][-1] for r in results[first]]) for c in COMBOS}
     for scale, runs in results.items():
         means = {c: np.mean([r[c][-1] for r in runs]) for c in COMBOS}

@@ -36,24 +36,28 @@ SIZES = (1, 4, 16)
 CPU = torch.device("cpu")
 
 
-def accuracies(model, cfg, data: Path) -> dict[str, list[float]]:
-    sets = {}
-    for d in ("LAB", "SEA"):
-        b = load_labelled(
-            str(data / d), cfg.data.image_size, cfg.data.profile_length, image_norm=cfg.data.image_norm
-        )
-        sets[d] = embedding_set(b, embed_arrays(model, b, CPU))
-    within = run_protocol(sets["LAB"], None, IN, SIZES, 3, 5, 0, progress=False)
-    across = run_protocol(sets["LAB"], sets["SEA"], ACROSS, SIZES, 3, 5, 0, progress=False)
+def load_sets(cfg, data: Path) -> dict[str, dict]:
+    d = cfg.data
+    return {
+        name: load_labelled(str(data / name), d.image_size, d.profile_length, image_norm=d.image_norm)
+        for name in ("LAB", "SEA")
+    }
+
+
+def accuracies(model, sets: dict[str, dict]) -> dict[str, list[float]]:
+    es = {name: embedding_set(b, embed_arrays(model, b, CPU)) for name, b in sets.items()}
+    within = run_protocol(es["LAB"], None, IN, SIZES, 3, 5, 0, progress=False)
+    across = run_protocol(es["LAB"], es["SEA"], ACROSS, SIZES, 3, 5, 0, progress=False)
     out = {f"LAB {c}": [100 * within.cell(c, n, 3).mean() for n in SIZES] for c in IN}
     return out | {f"LAB->SEA {c}": [100 * across.cell(c, n, 3).mean() for n in SIZES] for c in ACROSS}
 
 
 def compare(name: str, model, cfg, data: Path) -> None:
-    centred = accuracies(model, cfg, data)
-    norms = {m: float(getattr(model.embed_center, m).norm()) for m, _ in model.embed_center.named_buffers()}
+    sets = load_sets(cfg, data)  # decoded once, embedded twice
+    centred = accuracies(model, sets)
+    norms = {m: float(b.norm()) for m, b in model.embed_center.named_buffers()}
     model.embed_center.reset()
-    plain = accuracies(model, cfg, data)
+    plain = accuracies(model, sets)
     print(f"\n{name}: center norms {', '.join(f'{m} {v:.3f}' for m, v in norms.items())}")
     print(
         f"  {'accuracy %, n = ' + '/'.join(map(str, SIZES)):<22} {'centred':>18} {'uncentred':>18} {'difference':>20}"

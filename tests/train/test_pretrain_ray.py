@@ -213,6 +213,30 @@ def test_dino_baseline_trains_through_ray_train_and_embeds_image_only(ray_sessio
     assert 0 <= result.best_metrics["val_I-I"] <= 1 and "val_P-P" not in result.best_metrics
     assert 0 < result.best_metrics["center_norm_image"] <= 1
     assert "center_norm_profile" not in result.best_metrics
+
+    # The finished run started again, as a resumed sweep restarts a trial whose driver died after its
+    # last checkpoint: one report of that checkpoint's metrics reaches the callbacks (a Tune trial's
+    # TuneReportCallback), and no epoch is trained or logged again.
+    import ray.train
+
+    from xmodal.train.trainer import build_trainer
+
+    seen = tmp_path / "reports.jsonl"
+
+    class Recorder(ray.train.UserCallback):  # runs in Ray Train's controller process
+        def after_report(self, run_context, metrics, checkpoint):
+            with open(seen, "a") as f:
+                f.write(json.dumps({"metrics": metrics[0], "checkpoint": checkpoint is not None}) + "\n")
+
+    log = Path(result.run_dir) / "metrics.jsonl"
+    logged = log.read_text()
+    trainer, _ = build_trainer(cfg, "dino", callbacks=[Recorder()])
+    trainer.fit()
+    (report,) = [json.loads(x) for x in seen.read_text().splitlines()]
+    last_epoch = [json.loads(x) for x in logged.splitlines() if json.loads(x)["kind"] == "epoch"][-1]
+    assert report["metrics"]["epoch"] == 1 and not report["checkpoint"]
+    assert report["metrics"]["val_score"] == pytest.approx(last_epoch["val_score"])
+    assert log.read_text() == logged
     embed(result.run_dir, tiny_data / "LAB", tmp_path / "emb")
     es = load_embeddings(tmp_path / "emb")
     assert es.image_valid.all() and not es.profile_valid.any()

@@ -104,7 +104,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")
     total_steps = cfg.optim.epochs * steps_per_epoch
     t_run = time.time()
-    if rank == 0 and start_epoch > 0:
+    if resume is not None and start_epoch >= cfg.optim.epochs:
+        # Resumed after its last epoch: a sweep's driver died between this trial's last checkpoint and
+        # recording its result. Report that checkpoint's metrics once more (nothing is trained or
+        # logged twice) so whoever waits on the run, a Tune trial, still gets its score.
+        if rank == 0:
+            say(
+                f"[xmodal] run already finished ({start_epoch} epochs); reporting its last checkpoint's metrics"
+            )
+        last = resume.get("metrics", {}) if rank == 0 else {}
+        ray.train.report(_reportable({**last, "epoch": start_epoch, "global_step": global_step}))
+    elif rank == 0 and start_epoch > 0:
         say(f"[xmodal] resuming from epoch {start_epoch} (step {global_step})")
 
     for epoch in range(start_epoch, cfg.optim.epochs):

@@ -63,6 +63,9 @@ class ModelConfig:
     # Pretraining-pool particles whose mean unit embedding is subtracted from every embedding before
     # its final L2 normalisation (xmodal/models/center.py); 0 = no centring.
     center_particles: int = 1024
+    # Embed each particle and its mirror along the flow axis (image flipped, profile reversed) and
+    # average the two (xmodal/models/views.py): doubles embedding work, never touches training.
+    embed_flip: bool = True
 
 
 @dataclass

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from xmodal.models.center import EmbeddingCenter
+from xmodal.models.views import FlipAverage
 
 Batch = Mapping[str, torch.Tensor]
 
@@ -45,6 +46,7 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
 class XModalModule(nn.Module, abc.ABC):
     modalities: tuple[str, ...] = ()
     embed_center: EmbeddingCenter  # applied by ``embed``; set by the training loop
+    embed_flip: FlipAverage  # applied by ``embed`` before centring; travels with the weights
 
     @abc.abstractmethod
     def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
@@ -53,6 +55,7 @@ class XModalModule(nn.Module, abc.ABC):
     @abc.abstractmethod
     def embed(self, batch: Batch) -> dict[str, torch.Tensor | None]:
         """L2-normalised (B, E) embeddings per modality (None for a modality the model lacks),
+        averaged with the mirrored particle's by ``embed_flip`` (xmodal/models/views.py), then
         centred by ``embed_center`` (xmodal/models/center.py), computed in eval mode. Rows whose
         ``has_image``/``has_profile`` is False get an embedding of the zero input: the caller must
         treat them as missing."""

@@ -27,7 +27,7 @@ def build_model(cfg: Config) -> XModalModule:
         **m.image_kwargs,
     )
     if dino:
-        return DinoModel(image_encoder, image_dim, cfg.data.image_size, loss)
+        return DinoModel(image_encoder, image_dim, cfg.data.image_size, loss, m.embed_flip)
     if not isinstance(loss, ContrastiveLoss):
         raise TypeError(
             f"loss '{cfg.loss.name}' built a {type(loss).__name__}, which no model here can train"
@@ -38,4 +38,6 @@ def build_model(cfg: Config) -> XModalModule:
         )
     except TypeError as e:
         raise TypeError(f"model.profile_kwargs for '{m.profile_encoder}': {e}") from e
-    return CrossModalModel(image_encoder, image_dim, profile_encoder, m.embed_dim, m.metadata, loss)
+    return CrossModalModel(
+        image_encoder, image_dim, profile_encoder, m.embed_dim, m.metadata, loss, m.embed_flip
+    )

@@ -9,6 +9,7 @@ from xmodal.models.base import Batch, XModalModule, eval_mode, require
 from xmodal.models.center import EmbeddingCenter
 from xmodal.models.heads import ProjectionHead
 from xmodal.models.losses import ContrastiveLoss
+from xmodal.models.views import FlipAverage
 
 IMAGE_META_DIM = 2  # log1p(H), log1p(W) of the original crop
 PROFILE_META_DIM = 1  # log1p(original length)
@@ -25,6 +26,7 @@ class CrossModalModel(XModalModule):
         embed_dim: int,
         metadata: bool,
         loss: ContrastiveLoss,
+        embed_flip: bool = True,
     ):
         super().__init__()
         self.image_encoder = image_encoder
@@ -36,6 +38,7 @@ class CrossModalModel(XModalModule):
         )
         self.loss = loss
         self.embed_center = EmbeddingCenter({"image": embed_dim, "profile": embed_dim})
+        self.embed_flip = FlipAverage(embed_flip)
 
     def encode_image(self, batch: Batch) -> torch.Tensor:
         meta = require(batch, "image_meta") if self.metadata else None
@@ -53,8 +56,8 @@ class CrossModalModel(XModalModule):
     def embed(self, batch: Batch) -> dict[str, torch.Tensor | None]:
         with eval_mode(self):
             return {
-                "image": self.embed_center("image", self.encode_image(batch)),
-                "profile": self.embed_center("profile", self.encode_profile(batch)),
+                m: self.embed_center(m, self.embed_flip(encode, batch, m))
+                for m, encode in (("image", self.encode_image), ("profile", self.encode_profile))
             }
 
     def after_step(self, progress: float) -> None:

@@ -32,6 +32,7 @@ from xmodal.models.distributed import all_reduce_sum, world
 from xmodal.models.image import feature_width
 from xmodal.models.multicrop import random_resized_views
 from xmodal.models.registries import LOSSES
+from xmodal.models.views import FlipAverage
 
 
 @dataclass
@@ -131,7 +132,9 @@ def dino(cfg: LossConfig) -> DinoLoss:
 class DinoModel(XModalModule):
     modalities = ("image",)
 
-    def __init__(self, backbone: nn.Module, feature_dim: int, image_size: int, loss: DinoLoss):
+    def __init__(
+        self, backbone: nn.Module, feature_dim: int, image_size: int, loss: DinoLoss, embed_flip: bool = True
+    ):
         super().__init__()
         s = loss.settings
         self.settings = s
@@ -147,6 +150,7 @@ class DinoModel(XModalModule):
         # A buffer, so that a resumed run continues the temperature schedule where it stopped.
         self.register_buffer("progress", torch.zeros(()))
         self.embed_center = EmbeddingCenter({"image": feature_dim})
+        self.embed_flip = FlipAverage(embed_flip)
 
     def momentum_at(self, progress: float) -> float:
         """Teacher EMA momentum: cosine from ``momentum`` at progress 0 to 1 at progress 1."""
@@ -190,8 +194,11 @@ class DinoModel(XModalModule):
 
     def embed(self, batch: Batch) -> dict[str, torch.Tensor | None]:
         with eval_mode(self):
-            feats = self.teacher["backbone"](require(batch, "image"))
-            return {"image": self.embed_center("image", F.normalize(feats, dim=-1)), "profile": None}
+            image = self.embed_flip(self._teacher_embedding, batch, "image")
+            return {"image": self.embed_center("image", image), "profile": None}
+
+    def _teacher_embedding(self, batch: Batch) -> torch.Tensor:
+        return F.normalize(self.teacher["backbone"](require(batch, "image")), dim=-1)
 
     @torch.no_grad()
     def after_step(self, progress: float) -> None:

@@ -26,6 +26,9 @@ class AugmentConfig:
     crop_scale_min: float = 0.6
     brightness: float = 0.2
     contrast: float = 0.2
+    blur: float = 0.0  # probability of a Gaussian defocus blur of the image, sigma in [0.3, blur_sigma_max] px
+    blur_sigma_max: float = 1.0  # in pixels of the model's image size
+    noise: float = 0.0  # additive Gaussian pixel noise, std drawn per image from [0, noise] (images in [-1, 1])
     amplitude: float = 0.1  # profile per-channel gain jitter (log space), fraction
     band_drop: float = 0.1  # probability of zeroing one profile channel
     temporal_crop: float = 0.2  # probability of cropping the profile in time before resampling

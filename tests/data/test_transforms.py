@@ -11,6 +11,7 @@ from xmodal.data.transforms import (
     CURVATURE,
     Augment,
     decode_gray,
+    gaussian_blur,
     images_to_array,
     normalise_profile,
     resample,
@@ -79,7 +80,9 @@ def test_background_norm_maps_the_crop_background_to_zero_whatever_its_level():
     resized = (fixed[0] + 1.0) * 127.5  # back to gray levels
     np.testing.assert_allclose(x[0], (resized - 150) / 255, atol=1e-5)
     assert x[0].min() == pytest.approx(-90 / 255, abs=1e-5) and np.median(x[0]) == pytest.approx(0, abs=1e-6)
-    extreme, _ = images_to_array([png(np.array([[0, 255], [255, 255]], np.uint8))], 8, image_norm="background")
+    extreme, _ = images_to_array(
+        [png(np.array([[0, 255], [255, 255]], np.uint8))], 8, image_norm="background"
+    )
     assert extreme.min() >= -1 and extreme.max() <= 1
     with pytest.raises(ValueError, match="image_norm"):
         images_to_array([png(a)], 30, image_norm="per-image")
@@ -153,6 +156,8 @@ def test_model_batch_contract_with_all_augmentations():
         amplitude=0.2,
         band_drop=0.5,
         temporal_crop=0.5,
+        blur=0.5,
+        noise=0.1,
     )
     out = to_model_batch(batch_of(), 32, 64, aug, np.random.default_rng(1))
     assert out["image"].shape == (8, 1, 32, 32) and out["profile"].shape == (8, N_CHANNELS, 64)
@@ -169,6 +174,38 @@ def test_paired_flip_flips_image_and_reverses_profile_together():
     flipped = to_model_batch(b, 32, 64, Augment(flip=1.0), np.random.default_rng(0))
     np.testing.assert_array_equal(flipped["image"], plain["image"][..., ::-1])
     np.testing.assert_array_equal(flipped["profile"], plain["profile"][..., ::-1])
+
+
+def test_gaussian_blur_matches_scipy_per_image():
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, (4, 1, 20, 24)).astype(np.float32)
+    sigma = np.array([0.3, 0.55, 0.8, 1.0])
+    got = gaussian_blur(images, sigma)
+    r = 3  # the radius of the largest sigma; scipy's radius is int(truncate * sigma + 0.5)
+    for i, s in enumerate(sigma):
+        want = gaussian_filter(images[i, 0].astype(np.float64), s, mode="nearest", truncate=r / s)
+        np.testing.assert_allclose(got[i, 0], want, atol=2e-6)
+
+
+def test_blur_and_noise_touch_only_particles_with_images():
+    b = batch_of(6)
+    b["has_image"][[1, 4]] = False
+    plain = to_model_batch(b, 32, 64)
+    aug = to_model_batch(b, 32, 64, Augment(blur=1.0, noise=0.2), np.random.default_rng(3))
+    changed = np.abs(aug["image"] - plain["image"]).reshape(6, -1).max(axis=1) > 0
+    assert changed.tolist() == [True, False, True, True, False, True]
+    np.testing.assert_array_equal(aug["profile"], plain["profile"])
+    assert aug["image"].min() >= -1 and aug["image"].max() <= 1
+    # blur alone is a low-pass filter: inside the crop the mean stays and the spread shrinks
+    blurred = to_model_batch(b, 32, 64, Augment(blur=1.0), np.random.default_rng(3))
+    inner = (slice(None), 0, slice(8, 24), slice(8, 24))
+    assert (
+        np.abs(blurred["image"][inner].mean(axis=(1, 2)) - plain["image"][inner].mean(axis=(1, 2))).max()
+        < 0.05
+    )
+    assert (blurred["image"][inner].std(axis=(1, 2)) <= plain["image"][inner].std(axis=(1, 2)) + 1e-6).all()
 
 
 def test_no_augmentation_is_deterministic():

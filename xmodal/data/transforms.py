@@ -36,6 +36,9 @@ class Augment:
     crop_scale_min: float = 0.6
     brightness: float = 0.0
     contrast: float = 0.0
+    blur: float = 0.0
+    blur_sigma_max: float = 1.0
+    noise: float = 0.0
     amplitude: float = 0.0
     band_drop: float = 0.0
     temporal_crop: float = 0.0
@@ -251,6 +254,15 @@ def _photometric_and_flip(
         mean = image.mean(axis=(1, 2, 3), keepdims=True)
         jittered = np.clip((image - mean) * c + mean + off, -1.0, 1.0)
         image = np.where(has_image[:, None, None, None], jittered, image)
+    if aug.blur > 0:
+        rows = np.flatnonzero((rng.random(b) < aug.blur) & has_image)
+        if rows.size:
+            sigma = rng.uniform(0.3, max(0.3, aug.blur_sigma_max), size=rows.size)
+            image[rows] = gaussian_blur(image[rows], sigma)
+    if aug.noise > 0:
+        std = rng.uniform(0.0, aug.noise, size=(b, 1, 1, 1)) * has_image[:, None, None, None]
+        noise = rng.standard_normal(image.shape, dtype=np.float32) * std.astype(np.float32)
+        image = np.clip(image + noise, -1.0, 1.0)
     if aug.flip > 0:
         # The paired flip: the particle flipped along the flow axis passes the laser in reverse, so
         # the image flips horizontally and the profile reverses in time together.
@@ -258,3 +270,16 @@ def _photometric_and_flip(
         image[flip] = image[flip][..., ::-1]
         profile[flip] = profile[flip][..., ::-1]
     return image, profile
+
+
+def gaussian_blur(image: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+    """(B, C, H, W) images, each blurred by a Gaussian of its own ``sigma`` (B,) in pixels: two
+    separable passes, edges extended (a crop's border is background)."""
+    r = max(1, int(np.ceil(3 * float(sigma.max()))))
+    x = np.arange(-r, r + 1, dtype=np.float64)
+    k = np.exp(-0.5 * (x[None, :] / sigma[:, None]) ** 2)
+    k = (k / k.sum(axis=1, keepdims=True)).astype(np.float32)[:, :, None, None, None]  # (B, K, 1, 1, 1)
+    h, w = image.shape[-2:]
+    pad = np.pad(image, ((0, 0), (0, 0), (r, r), (r, r)), mode="edge")
+    rows = sum(k[:, i] * pad[..., i : i + w] for i in range(2 * r + 1))  # (B, C, H + 2r, W)
+    return sum(k[:, i] * rows[..., i : i + h, :] for i in range(2 * r + 1)).astype(image.dtype)

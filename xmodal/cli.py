@@ -37,6 +37,18 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _header_rows(text: str) -> int | None:
+    if text == "auto":
+        return None
+    try:
+        rows = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto or a number of rows, got {text!r}") from None
+    if rows < 0:
+        raise argparse.ArgumentTypeError(f"expected auto or rows >= 0, got {rows}")
+    return rows
+
+
 def cmd_ingest(args: argparse.Namespace) -> int:
     from xmodal.data.ingest import ingest
 
@@ -227,7 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--domain", help="domain name for the particles (default: the folder name)")
     sp.add_argument(
-        "--crop-header", type=int, default=0, help="crop this many px (scale bar) off the image top"
+        "--crop-header",
+        type=_header_rows,
+        default=None,
+        metavar="auto|N",
+        help="rows (a scale-bar header) cut off the top of every image: auto (default) finds a header drawn "
+        "into every crop of a SYKE-layout source, N cuts N, 0 keeps every image whole",
     )
     sp.add_argument("--max-pixels", type=int, default=4_000_000, help="quarantine images larger than this")
     sp.add_argument("--channel-map", help="YAML mapping extra instrument channel names to canonical ones")

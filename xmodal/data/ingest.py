@@ -14,6 +14,7 @@ and the channel mapping used; ``OUT/quarantine.jsonl`` lists every quarantined p
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -34,6 +35,7 @@ import pyarrow.compute as pc
 from xmodal.data.channels import ChannelMap
 from xmodal.data.quarantine import DataError, Quarantine, QuarantineEntry
 from xmodal.data.readers import DEFAULT_MAX_PIXELS, Batch, ReaderOptions, Task, detect_format, get_reader
+from xmodal.data.readers.header import detect_header
 from xmodal.data.readers.validate import pil_pixel_limit, set_pil_pixel_limit
 from xmodal.data.schema import ShardWriter, records_to_table
 
@@ -56,6 +58,7 @@ class DomainReport:
     sources: list[str] = field(default_factory=list)
     shards: list[str] = field(default_factory=list)
     channels: list[dict[str, Any]] = field(default_factory=list)  # distinct mappings, with an example file
+    crop_header_px: dict[str, int] = field(default_factory=dict)  # source -> rows cut off each image's top
 
 
 @dataclass
@@ -236,6 +239,7 @@ def _ingest_domain(
     runner: _OrderedRunner,
     max_shard_bytes: int,
     quiet: bool,
+    auto_header: bool = False,
 ) -> DomainReport:
     report = DomainReport(sources=[str(p) for _, p in sources])
     counts = [reader.count(p) for _, p in sources]
@@ -248,7 +252,11 @@ def _ingest_domain(
     writer = ShardWriter(tmp, max_shard_bytes=max_shard_bytes)
     try:
         for source, path in sources:
-            for table, entries, seen, channels in runner.run(reader.iter_work(path, source, name, opts)):
+            source_opts = _header_options(reader, path, source, opts, auto_header, quiet)
+            report.crop_header_px[source] = source_opts.crop_header_px
+            for table, entries, seen, channels in runner.run(
+                reader.iter_work(path, source, name, source_opts)
+            ):
                 for entry in entries:
                     quarantine.add(entry)
                     report.reasons[entry.reason] = report.reasons.get(entry.reason, 0) + 1
@@ -280,13 +288,31 @@ def _ingest_domain(
     return report
 
 
+def _header_options(
+    reader: Any, path: Path, source: str, opts: ReaderOptions, auto: bool, quiet: bool
+) -> ReaderOptions:
+    """``opts`` with the source's scale-bar header height when ``auto`` (readers whose crops carry
+    no header, CytoClus and cyz2json, have no ``sample_images``: 0)."""
+    if not auto or not hasattr(reader, "sample_images"):
+        return opts
+    rows = detect_header(reader.sample_images(path))
+    if rows and not quiet:
+        print(
+            f"ingest {source}: the images share a {rows}-px scale-bar header; cropping it "
+            "(--crop-header 0 keeps it)",
+            file=sys.stderr,
+            flush=True,
+        )
+    return dataclasses.replace(opts, crop_header_px=rows)
+
+
 def ingest(
     src: str | Path,
     out: str | Path,
     fmt: str | None = None,
     strict: bool = False,
     domain: str | None = None,
-    crop_header_px: int = 0,
+    crop_header_px: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     channel_map: ChannelMap | Mapping[str, str] | str | Path | None = None,
     fill_missing: bool = False,
@@ -296,12 +322,14 @@ def ingest(
 ) -> IngestReport:
     """Read SRC (format detected unless ``fmt``), write ``OUT/<domain>/part-*.parquet``, the report and
     the quarantine log; return the report. ``strict`` raises ``DataError`` at the first quarantined
-    particle. ``channel_map``: extra channel-name entries (dict) or a YAML file (see ``channels.py``)."""
+    particle. ``channel_map``: extra channel-name entries (dict) or a YAML file (see ``channels.py``).
+    ``crop_header_px``: rows cut off the top of every image; None finds a scale-bar header per source
+    (``readers/header.py``; the rows found are in each domain's report)."""
     t0 = time.perf_counter()
     src, out = Path(src), Path(out)
     fmt = fmt or detect_format(src)
     reader = get_reader(fmt)
-    opts = ReaderOptions(crop_header_px, max_pixels, ChannelMap.coerce(channel_map), fill_missing)
+    opts = ReaderOptions(crop_header_px or 0, max_pixels, ChannelMap.coerce(channel_map), fill_missing)
     by_domain: dict[str, list[tuple[str, Path]]] = {}
     names: dict[str, Path] = {}
     for source, path in reader.find_sources(src):
@@ -318,7 +346,7 @@ def ingest(
         {
             "strict": strict,
             "domain": domain,
-            "crop_header_px": crop_header_px,
+            "crop_header_px": "auto" if crop_header_px is None else crop_header_px,
             "max_pixels": max_pixels,
             "channel_map": str(channel_map)
             if isinstance(channel_map, (str, Path))
@@ -334,7 +362,16 @@ def ingest(
         with Quarantine(log, strict=strict) as quarantine, pil_pixel_limit(max_pixels):
             for name, sources in by_domain.items():
                 report.domains[name] = _ingest_domain(
-                    name, sources, reader, opts, out, quarantine, runner, max_shard_bytes, quiet
+                    name,
+                    sources,
+                    reader,
+                    opts,
+                    out,
+                    quarantine,
+                    runner,
+                    max_shard_bytes,
+                    quiet,
+                    auto_header=crop_header_px is None,
                 )
             report.reasons, report.examples = dict(quarantine.counts), dict(quarantine.examples)
     except BaseException:

@@ -21,16 +21,21 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 from xmodal.data.channels import normalize_name
 from xmodal.data.quarantine import DataError, QuarantineEntry, Rejected
 from xmodal.data.readers.base import Batch, Item, Task
 from xmodal.data.readers.delimited import Dialect, parse_many, split_header
 from xmodal.data.readers.validate import ReaderOptions, check_image, check_profile, read_bytes, safe_path
 from xmodal.data.schema import CHANNELS, make_record
+from xmodal.data.transforms import to_gray8
 
 ANNOTATIONS = "annotations.csv"
 UNLABELLED = {"", "unlabelled", "unlabeled"}
 ROWS_PER_TASK = 256
+HEADER_SAMPLE = 64  # images looked at for a scale-bar header (--crop-header auto)
 ANNOTATION_SEPARATORS = (",", ";", "\t")  # ties (a one-column header) go to ","
 
 
@@ -111,6 +116,21 @@ def iter_work(layout: Path, source: str, domain: str, opts: ReaderOptions) -> It
     root = os.path.normpath(os.path.abspath(layout))
     for i in range(0, len(rows), ROWS_PER_TASK):
         yield functools.partial(read_rows, root, source, domain, rows[i : i + ROWS_PER_TASK], opts)
+
+
+def sample_images(layout: Path, n: int = HEADER_SAMPLE) -> list[np.ndarray]:
+    """Up to ``n`` of the layout's images, evenly spaced over annotations.csv, as 2-D gray arrays
+    (for ``header.detect_header``). Unreadable ones are skipped here: ingest quarantines them."""
+    rows = [r for r in read_annotations(layout, layout.name)[0] if r.image]
+    root = os.path.normpath(os.path.abspath(layout))
+    out = []
+    for i in sorted({int(round(x)) for x in np.linspace(0, len(rows) - 1, min(n, len(rows)))}):
+        try:
+            with Image.open(safe_path(root, rows[i].image)) as im:
+                out.append(np.asarray(to_gray8(im)))
+        except (Rejected, OSError, ValueError, Image.DecompressionBombError):
+            continue
+    return out
 
 
 def count(layout: Path) -> int:

@@ -1,0 +1,113 @@
+"""Scale-bar header detection (xmodal/data/readers/header.py) and ``ingest``'s default
+``--crop-header auto``: a header drawn into every crop is found and cut exactly, crops without one
+(noisy, flat, real) are left whole."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from xmodal.data.readers.header import detect_header
+
+HEADER = 25
+
+
+def draw_header(width: int, rng: np.random.Generator | None = None) -> np.ndarray:
+    """A white band with a dark 10-um bar and a blocky label, drawn at fixed places (the SYKE look)."""
+    band = np.full((HEADER, width), 255, np.uint8)
+    band[9:12, 2 : min(width, 20)] = 0
+    band[14:21, 2 : min(width, 26) : 3] = 30
+    return band
+
+
+def crops(n: int, seed: int, header: bool, noise: float = 3.0, flat: bool = False) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        h, w = int(rng.integers(12, 120)), int(rng.integers(20, 140))
+        level = 180.0 if flat else rng.uniform(140, 200)
+        img = np.full((h, w), level) + rng.normal(0, noise, (h, w))
+        cy, cx, r = h / 2, w / 2, min(h, w) / 3
+        yy, xx = np.mgrid[:h, :w]
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] -= 80
+        img = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+        out.append(np.vstack([draw_header(w), img]) if header else img)
+    return out
+
+
+def test_a_drawn_header_is_found_at_its_height() -> None:
+    assert detect_header(crops(64, 0, header=True)) == HEADER
+    # noise-free crops whose backgrounds differ per image: the band still ends at the header
+    assert detect_header(crops(64, 1, header=True, noise=0.0)) == HEADER
+
+
+@pytest.mark.parametrize(
+    "images",
+    [
+        crops(64, 2, header=False),  # sensor noise: no two background rows are the same
+        crops(64, 3, header=False, noise=0.0, flat=True),  # identical flat backgrounds: no drawing
+        crops(7, 4, header=True),  # too few images to tell
+    ],
+    ids=["noisy", "flat", "few"],
+)
+def test_no_header_is_claimed_without_evidence(images) -> None:
+    assert detect_header(images) == 0
+
+
+def _png(a: np.ndarray) -> bytes:
+    b = io.BytesIO()
+    Image.fromarray(a).save(b, format="PNG")
+    return b.getvalue()
+
+
+def test_ingest_finds_and_cuts_the_header_by_default(rd, tmp_path: Path) -> None:
+    from xmodal.data.synth import synthesize
+
+    synthesize(tmp_path / "raw", 40, 0, 0, seed=3, fmt="syke", image_size=32)
+    layout = tmp_path / "raw" / "LAB"
+    originals = {}
+    for f in sorted((layout / "images").iterdir()):
+        a = np.asarray(Image.open(f))
+        originals[f.name] = a
+        f.write_bytes(_png(np.vstack([draw_header(a.shape[1]), a])))
+
+    report, rows = rd.run(tmp_path / "raw", tmp_path / "out")
+    assert report.domains["LAB"].crop_header_px == {"LAB": HEADER}
+    assert report.options["crop_header_px"] == "auto" and report.seen == report.ingested == 40
+    assert len(rows) == 40
+    by_image = {Image.open(io.BytesIO(r["image"])).tobytes(): r for r in rows.values()}
+    for a in originals.values():  # exactly the crops as they were before the header was drawn
+        row = by_image[Image.fromarray(a).tobytes()]
+        assert (row["image_height"], row["image_width"]) == a.shape
+
+    kept, rows = rd.run(tmp_path / "raw", tmp_path / "kept", crop_header_px=0)  # the header kept on request
+    assert kept.domains["LAB"].crop_header_px == {"LAB": 0}
+    assert {r["image_height"] for r in rows.values()} == {a.shape[0] + HEADER for a in originals.values()}
+
+
+def test_ingest_leaves_crops_without_a_header_whole(rd, tmp_path: Path) -> None:
+    from xmodal.data.synth import synthesize
+
+    synthesize(tmp_path / "raw", 40, 0, 0, seed=4, fmt="syke", image_size=32)
+    report, rows = rd.run(tmp_path / "raw", tmp_path / "out")
+    assert report.domains["LAB"].crop_header_px == {"LAB": 0}
+    heights = sorted(
+        np.asarray(Image.open(f)).shape[0] for f in (tmp_path / "raw" / "LAB" / "images").iterdir()
+    )
+    assert sorted(r["image_height"] for r in rows.values()) == heights
+
+
+def test_cli_takes_auto_or_a_row_count() -> None:
+    from xmodal.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["ingest", "src", "out"]).crop_header is None  # auto, the default
+    assert parse(["ingest", "src", "out", "--crop-header", "auto"]).crop_header is None
+    assert parse(["ingest", "src", "out", "--crop-header", "25"]).crop_header == 25
+    for bad in ("-3", "top"):
+        with pytest.raises(SystemExit):
+            parse(["ingest", "src", "out", "--crop-header", bad])

@@ -16,14 +16,15 @@ stays consistent with new embeddings of the same checkpoint).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-Batch = Mapping[str, torch.Tensor]  # xmodal.models.base.Batch (which imports this module)
+if TYPE_CHECKING:  # base imports this module for its annotations
+    from xmodal.models.base import Batch
 
 
 class FlipAverage(nn.Module):

@@ -137,7 +137,8 @@ def main() -> None:
     load = os.getloadavg()
     try:
         rows = []
-        synthesize(work / "syke", 0, 0, args.n, seed=0, fmt="syke")
+        # no scale-bar band: the plain loop would keep it, ingest would cut it and encode each crop again
+        synthesize(work / "syke", 0, 0, args.n, seed=0, fmt="syke", header_px=0)
         layout = work / "syke" / "UTO"
         warm(layout)
         run_syke = lambda w: ingest(layout, work / "out_syke", quiet=True, workers=w).ingested  # noqa: E731

@@ -147,7 +147,8 @@ def main() -> None:
     ap.add_argument("--kernel-rounds", type=int, default=8, help="steps per model in the kernel A/B (0: skip)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="xmodal-bench-train-"))
-    synthesize(work / "syke", 0, 0, args.n, seed=0, fmt="syke", image_size=args.image_size)
+    # no scale-bar band, so both paths train on the same crops
+    synthesize(work / "syke", 0, 0, args.n, seed=0, fmt="syke", image_size=args.image_size, header_px=0)
     synthesize(work / "pq", 0, 0, args.n, seed=0, fmt="parquet", image_size=args.image_size)
     cfg = load_config(
         "configs/laptop.yaml",

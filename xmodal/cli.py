@@ -29,6 +29,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
         image_size=args.image_size,
         n_species=args.species,
         progress=True,
+        **({} if args.header_px is None else {"header_px": args.header_px}),
     )
     for domain, d in summary["domains"].items():
         kind = f"{len(d['classes'])} classes" if d["labelled"] else "unlabelled"
@@ -229,6 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--format", choices=["syke", "parquet"], default="syke")
     sp.add_argument("--image-size", type=int, default=64)
     sp.add_argument("--species", type=int, default=12, help="number of species (plus detritus)")
+    sp.add_argument(
+        "--header-px", type=int, default=None,
+        help="rows of scale-bar band drawn on top of every SYKE-layout crop (default: 25, as in the SYKE "
+        "dataset; 0: none)",
+    )  # fmt: skip
 
     sp = add("ingest", cmd_ingest, "read instrument exports (SYKE layout, CytoClus, cyz2json) into Parquet")
     sp.add_argument("src")

@@ -67,7 +67,7 @@ def _png(a: np.ndarray) -> bytes:
 def test_ingest_finds_and_cuts_the_header_by_default(rd, tmp_path: Path) -> None:
     from xmodal.data.synth import synthesize
 
-    synthesize(tmp_path / "raw", 40, 0, 0, seed=3, fmt="syke", image_size=32)
+    synthesize(tmp_path / "raw", 40, 0, 0, seed=3, fmt="syke", image_size=32, header_px=0)
     layout = tmp_path / "raw" / "LAB"
     originals = {}
     for f in sorted((layout / "images").iterdir()):
@@ -92,7 +92,7 @@ def test_ingest_finds_and_cuts_the_header_by_default(rd, tmp_path: Path) -> None
 def test_ingest_leaves_crops_without_a_header_whole(rd, tmp_path: Path) -> None:
     from xmodal.data.synth import synthesize
 
-    synthesize(tmp_path / "raw", 40, 0, 0, seed=4, fmt="syke", image_size=32)
+    synthesize(tmp_path / "raw", 40, 0, 0, seed=4, fmt="syke", image_size=32, header_px=0)
     report, rows = rd.run(tmp_path / "raw", tmp_path / "out")
     assert report.domains["LAB"].crop_header_px == {"LAB": 0}
     heights = sorted(

@@ -15,6 +15,7 @@ from PIL import Image
 
 from xmodal.data.schema import CHANNELS, SCHEMA, make_record, records_to_table
 from xmodal.data.synth import encode_png, generate_chunks, particle_table, synthesize
+from xmodal.data.synth_image import HEADER_PX, scale_bar_header, um_per_px
 from xmodal.data.synth_latents import sample_latents
 from xmodal.data.synth_profile import round_sig
 from xmodal.data.synth_species import DETRITUS, DOMAINS, catalogue, class_weights
@@ -71,7 +72,7 @@ def test_syke_layout(syke):
             else:
                 assert r["class"] in names
             im = Image.open(root / r["image"])
-            assert im.format == "PNG" and im.mode == "L" and im.size[0] == im.size[1]
+            assert im.format == "PNG" and im.mode == "L" and im.size[1] == im.size[0] + HEADER_PX
             prof = _profile_file(root / r["profile"])
             assert prof.shape[0] == 6 and prof.shape[1] >= 12
             assert np.isfinite(prof).all()
@@ -104,30 +105,63 @@ def test_parquet_layout(parquet):
             assert {k: labels.count(k) for k in set(labels)} == counts
 
 
+def _split_header(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    a = np.asarray(Image.open(path))
+    return a[:HEADER_PX], a[HEADER_PX:]
+
+
 def test_both_formats_hold_the_same_particles(syke, parquet):
-    """Same arguments -> the SYKE files and the Parquet rows carry identical images and pulses."""
+    """Same arguments -> the SYKE files and the Parquet rows carry identical images and pulses; the
+    SYKE crops have the scale-bar band on top, the Parquet rows do not."""
     (s_out, s_sum), (p_out, p_sum) = syke, parquet
     assert s_sum["domains"] == p_sum["domains"]
+    assert (s_sum["header_px"], p_sum["header_px"]) == (HEADER_PX, 0)
     for domain in SIZES:
         rows = pq.read_table(sorted((p_out / domain).glob("*.parquet"))).to_pylist()
         ann = _annotations(s_out / domain)
         for r, a in zip(rows, ann):
             assert r["particle_id"] == f"{domain}:{a['particle_id']}" and r["source"] == domain
-            assert r["image"] == (s_out / domain / a["image"]).read_bytes()
+            band, crop = _split_header(s_out / domain / a["image"])
+            assert r["image"] == encode_png(crop)
+            np.testing.assert_array_equal(band, scale_bar_header(crop.shape[1], HEADER_PX, um_per_px(64)))
             prof = np.asarray(r["profile"], dtype=np.float32).reshape(6, r["profile_length"])
             np.testing.assert_array_equal(prof, _profile_file(s_out / domain / a["profile"]))
 
 
 def test_syke_layout_through_the_real_reader_equals_direct_parquet(tmp_path, syke, parquet):
-    """`xmodal ingest` of the SYKE files gives exactly the rows written straight to Parquet."""
+    """`xmodal ingest` of the SYKE files finds the scale-bar band on its own, cuts it, and gives the
+    rows written straight to Parquet: every column equal, the images pixel for pixel (ingest encodes
+    the cut crops again, with its own PNG encoder)."""
     ingest = pytest.importorskip("xmodal.data.ingest").ingest
     (s_out, _), (p_out, _) = syke, parquet
     report = ingest(s_out, tmp_path, fmt="syke", quiet=True)
     for domain, n in SIZES.items():
         assert (report.domains[domain].seen, report.domains[domain].ingested) == (n, n)
-        ingested = pq.read_table(sorted((tmp_path / domain).glob("*.parquet")))
-        direct = pq.read_table(sorted((p_out / domain).glob("*.parquet")))
-        assert ingested.sort_by("particle_id").equals(direct.sort_by("particle_id"))
+        assert report.domains[domain].crop_header_px == {domain: HEADER_PX}
+        ingested = pq.read_table(sorted((tmp_path / domain).glob("*.parquet"))).sort_by("particle_id")
+        direct = pq.read_table(sorted((p_out / domain).glob("*.parquet"))).sort_by("particle_id")
+        assert ingested.drop_columns(["image"]).equals(direct.drop_columns(["image"]))
+        for a, b in zip(ingested["image"].to_pylist(), direct["image"].to_pylist()):
+            np.testing.assert_array_equal(
+                np.asarray(Image.open(io.BytesIO(a))), np.asarray(Image.open(io.BytesIO(b)))
+            )
+
+
+def test_without_a_header_the_syke_images_are_the_parquet_bytes(tmp_path):
+    synthesize(tmp_path / "s", 12, 0, 0, seed=5, fmt="syke", image_size=32, header_px=0)
+    synthesize(tmp_path / "p", 12, 0, 0, seed=5, fmt="parquet", image_size=32)
+    rows = pq.read_table(sorted((tmp_path / "p" / "LAB").glob("*.parquet"))).to_pylist()
+    for r, a in zip(rows, _annotations(tmp_path / "s" / "LAB")):
+        assert r["image"] == (tmp_path / "s" / "LAB" / a["image"]).read_bytes()
+
+
+def test_the_scale_bar_is_drawn_to_scale_and_cut_at_narrow_crops():
+    band = scale_bar_header(60, HEADER_PX, 0.5)
+    assert band.shape == (HEADER_PX, 60) and not band.flags.writeable
+    bar_rows = np.flatnonzero((band == 0).sum(axis=1) >= 15)  # longer than the label's rows
+    assert len(bar_rows) == 3  # a 3-px bar ...
+    assert (band[bar_rows[0]] == 0).sum() == 10.0 / 0.5  # ... 10 um long at 0.5 um per px
+    np.testing.assert_array_equal(scale_bar_header(12, HEADER_PX, 0.5), band[:, :12])
 
 
 def test_deterministic_bytes(tmp_path, syke):
@@ -268,6 +302,8 @@ def test_bad_arguments_are_explained(tmp_path):
         synthesize(tmp_path, 1, 1, 1, n_species=1)
     with pytest.raises(ValueError, match="image_size"):
         synthesize(tmp_path, 1, 1, 1, image_size=8)
+    with pytest.raises(ValueError, match="header_px must be 0"):
+        synthesize(tmp_path, 1, 1, 1, header_px=5)
 
 
 def test_empty_domains_are_skipped(tmp_path):

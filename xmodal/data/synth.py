@@ -7,9 +7,11 @@ the two modalities agree about the same particle the way real ones do.
 Output layouts:
 
 * ``fmt="syke"``: ``out/<DOMAIN>/annotations.csv`` (``image,profile,class,particle_id``; ``class``
-  empty = unlabelled), ``images/<id>.png`` (8-bit gray) and ``profiles/<id>.csv`` (header
+  empty = unlabelled), ``images/<id>.png`` (8-bit gray, the scale-bar header of ``header_px`` rows on
+  top, as in the SYKE dataset) and ``profiles/<id>.csv`` (header
   ``FWS,SWS,FL Yellow,FL Orange,FL Red,Curvature``, L rows, mV) — the layout the real reader ingests;
-* ``fmt="parquet"``: ``out/<DOMAIN>/part-*.parquet`` rows of ``xmodal.data.schema`` (PNG bytes).
+* ``fmt="parquet"``: ``out/<DOMAIN>/part-*.parquet`` rows of ``xmodal.data.schema`` (PNG bytes), the
+  crops without a header, as ``xmodal ingest`` gives them once it has cut it.
 
 Both also write ``out/synth.json`` (species, domains, counts). A particle's Parquet ``particle_id`` is
 ``<DOMAIN>:<DOMAIN>_<index>`` with ``source`` = the domain folder: exactly what ``xmodal ingest`` gives
@@ -36,7 +38,7 @@ import numpy as np
 import pyarrow as pa
 
 from xmodal.data.schema import CHANNELS, N_CHANNELS, SCHEMA, ShardWriter
-from xmodal.data.synth_image import render_images
+from xmodal.data.synth_image import HEADER_PX, MIN_HEADER_PX, render_images, scale_bar_header, um_per_px
 from xmodal.data.synth_latents import Latents, sample_latents
 from xmodal.data.synth_profile import render_profiles
 from xmodal.data.synth_species import DETRITUS, DOMAINS, Species, catalogue, class_weights
@@ -156,7 +158,9 @@ def _write_parquet(out: Path, domain: str, chunks, species: list[Species], count
             writer.write_table(pa.concat_tables(pending))
 
 
-def _write_syke(out: Path, domain: str, chunks, species: list[Species], counts: Counter) -> None:
+def _write_syke(
+    out: Path, domain: str, chunks, species: list[Species], counts: Counter, header_px: int, um_px: float
+) -> None:
     labelled = DOMAINS[domain].labelled
     root = out / domain
     (root / "images").mkdir(parents=True, exist_ok=True)
@@ -170,6 +174,8 @@ def _write_syke(out: Path, domain: str, chunks, species: list[Species], counts: 
                 pid = file_stem(domain, i)
                 name = species[s].name
                 counts[name] += 1
+                if header_px:
+                    img = np.vstack([scale_bar_header(img.shape[1], header_px, um_px), img])
                 (root / "images" / f"{pid}.png").write_bytes(encode_png(img))
                 (root / "profiles" / f"{pid}.csv").write_text(profile_csv(prof))
                 ann.writerow([f"images/{pid}.png", f"profiles/{pid}.csv", name if labelled else "", pid])
@@ -215,17 +221,21 @@ def synthesize(
     image_size: int = 64,
     n_species: int = 12,
     progress: bool = False,
+    header_px: int = HEADER_PX,
 ) -> dict[str, Any]:
     """Write a synthetic LAB/SEA/UTO data set under ``out``; returns the summary (also ``out/synth.json``).
 
     ``n_species`` biological taxa plus ``detritus``; taxa flagged field-only never occur in LAB.
     Domains with 0 particles are not written. Domain folders of an earlier run into ``out`` are
-    replaced. ``progress`` prints periodic lines (done, rate, ETA) to stderr.
+    replaced. ``progress`` prints periodic lines (done, rate, ETA) to stderr. ``header_px``: height of
+    the scale-bar band drawn on top of every SYKE-layout crop (0: none); Parquet rows never carry it.
     """
     if fmt not in FORMATS:
         raise ValueError(f"synth: unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if image_size < 16:
         raise ValueError(f"synth: image_size must be >= 16 px (got {image_size})")
+    if header_px and header_px < MIN_HEADER_PX:
+        raise ValueError(f"synth: header_px must be 0 (no header) or >= {MIN_HEADER_PX} (got {header_px})")
     sizes = {"LAB": n_lab, "SEA": n_sea, "UTO": n_uto}
     for d, n in sizes.items():
         if n < 0:
@@ -233,7 +243,10 @@ def synthesize(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     species = catalogue(n_species)
-    writer = _write_parquet if fmt == "parquet" else _write_syke
+    if fmt == "parquet":
+        writer, header_px = _write_parquet, 0
+    else:
+        writer = functools.partial(_write_syke, header_px=header_px, um_px=um_per_px(image_size))
     domains: dict[str, Any] = {}
     for domain in sizes:
         _prepare_domain(out, domain)
@@ -252,6 +265,7 @@ def synthesize(
         "format": fmt,
         "seed": seed,
         "image_size": image_size,
+        "header_px": header_px,
         "species": [s.name for s in species],
         "detritus": DETRITUS,
         "absent_from_lab": [s.name for s in species if not s.in_lab],

@@ -8,11 +8,16 @@ body; thin spines are dark line segments; then illumination gradient, debris spe
 and pixel noise. Blur is applied to the edge profile (``edge_lut``) rather than as a 2-D
 convolution. The image x axis is the flow axis.
 
+The SYKE layout's crops also carry the instrument software's scale-bar band on top
+(``scale_bar_header``, 25 px like the SYKE dataset's exports); ``xmodal ingest`` finds and cuts it.
+
 Speed: every per-pixel step is a handful of float32 array operations over a batch of equal-size
 crops; particles are sorted by cell count so that the batch for cell k is a prefix (a view, no copy).
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 
@@ -261,3 +266,37 @@ def render_images(
             for i, im in zip(idx, _render_batch(lat, idx, scale[idx], int(s), world, style, rng)):
                 out[i] = im
     return out
+
+
+HEADER_PX = 25  # the SYKE exports' scale-bar band (GUIDE.md)
+MIN_HEADER_PX = 16  # room for the label above the bar
+SCALE_BAR_UM = 10.0
+_GLYPHS = {  # 3x5 bitmaps of the label "10 um"
+    "1": ("010", "110", "010", "010", "111"),
+    "0": ("111", "101", "101", "101", "111"),
+    "u": ("000", "101", "101", "101", "111"),
+    "m": ("000", "110", "111", "101", "101"),
+}
+
+
+@functools.lru_cache(maxsize=64)
+def scale_bar_header(width: int, height: int, um_px: float) -> np.ndarray:
+    """The band burnt into the top of every SYKE crop: white, a label and a ``SCALE_BAR_UM`` bar at
+    the source's nominal pixel pitch ``um_px``, at fixed places from the left edge (cut off where a
+    crop is narrower). The same pixels in every crop of a source, like the instrument software's.
+    Read-only: cached per width."""
+    if height < MIN_HEADER_PX:
+        raise ValueError(f"scale-bar header must be >= {MIN_HEADER_PX} px high (got {height})")
+    band = np.full((height, width), 255, np.uint8)
+    x = 3
+    for ch in "10um":
+        glyph = np.array([[c == "1" for c in row] for row in _GLYPHS[ch]])
+        tile = band[3:8, x : x + 3]
+        tile[glyph[:, : tile.shape[1]]] = 0
+        x += 4
+    bar = int(round(SCALE_BAR_UM / um_px))
+    y = height // 2 + 3
+    band[y : y + 3, 3 : 3 + bar] = 0
+    band[y - 2 : y + 5, [c for c in (3, 2 + bar) if c < width]] = 0  # end ticks
+    band.flags.writeable = False
+    return band

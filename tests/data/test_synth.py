@@ -338,3 +338,19 @@ def test_other_sizes_and_catalogues(tmp_path, image_size, n_species):
         assert sides <= set(range(max(8, image_size // 4), image_size + 1, 8)), sides
         labels = {v for v in table.column("label").to_pylist() if v is not None}
         assert labels <= set(summary["species"])
+
+
+def test_cli_draws_the_band_unless_told_not_to(tmp_path, capsys):
+    from xmodal.cli import main
+
+    for extra, rows in (([], HEADER_PX), (["--header-px", "0"], 0)):
+        out = tmp_path / str(rows)
+        assert (
+            main(["synth", str(out), "--lab", "3", "--sea", "0", "--uto", "0", "--image-size", "32", *extra])
+            == 0
+        )
+        assert json.loads((out / "synth.json").read_text())["header_px"] == rows
+        img = np.asarray(Image.open(next((out / "LAB" / "images").iterdir())))
+        assert img.shape[0] == img.shape[1] + rows  # the crops are square below the band
+        if rows:
+            np.testing.assert_array_equal(img[:rows], scale_bar_header(img.shape[1], rows, um_per_px(32)))

@@ -69,6 +69,10 @@ def build_trainer(
 
     # here, not first in a Ray Data task deep inside the run (the validation set may be absent)
     check_image_norm(cfg.data.image_norm)
+    if cfg.eval.val_n < 1 or cfg.eval.val_repeats < 1:
+        raise ValueError(
+            f"eval.val_n and eval.val_repeats must be >= 1, got {cfg.eval.val_n} and {cfg.eval.val_repeats}"
+        )
 
     storage = durable(storage_path or cfg.train.storage_path, "train.storage_path")
     n_train = count_paired(cfg.data.train)

@@ -51,7 +51,7 @@ def validate(
     ]
     for combo in combos:
         out[f"val_{combo}"] = gallery_score(
-            es, combo=combo, n=cfg.eval.val_n, k=cfg.eval.k, repeats=3, seed=cfg.eval.seed
+            es, combo=combo, n=cfg.eval.val_n, k=cfg.eval.k, repeats=cfg.eval.val_repeats, seed=cfg.eval.seed
         )
     out["val_combo"] = cfg.eval.val_combo if cfg.eval.val_combo in combos else "I-I"
     out["val_score"] = out[f"val_{out['val_combo']}"]

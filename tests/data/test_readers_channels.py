@@ -35,6 +35,20 @@ def test_real_instrument_names_map_by_name_not_position() -> None:
     np.testing.assert_array_equal(shuffled.apply(m[order]), m.astype(np.float32))
 
 
+@pytest.mark.parametrize(
+    "names",
+    [
+        ["FSC", "SSC", "Fluorescence Yellow", "Fluorescence Orange", "Fluorescence Red", "Curvature"],
+        ["Forward Scatter", "Side Scatter", "Yellow Fluorescence", "Orange Fluorescence", "Red fluorescence",
+         "curvature"],
+    ],
+    ids=["abbreviated", "spelled-out"],
+)  # fmt: skip
+def test_generic_cytometry_names_map_too(names) -> None:
+    m = _matrix(6)
+    np.testing.assert_array_equal(ChannelMap().resolve(names, "other tool").apply(m), m.astype(np.float32))
+
+
 def test_beads_prefer_direct_fws_and_high_sensitivity() -> None:
     plan = ChannelMap().resolve(BEADS, "beads")
     m = _matrix(11)

@@ -34,6 +34,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: 
         # per run, ~3 s of CPU to start: 7 % of a tiny sweep trial here) has nothing to watch. The
         # cluster's processes inherit this environment.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        # Ray starts its workers at nice 15 so a cluster node's daemons stay responsive. On a laptop
+        # that makes the training yield almost all CPU to any other busy process: with two busy loops
+        # beside `make demo` on 2 cores, its first epoch had not ended after 7 min. At nice 0 the
+        # job started from this shell shares the CPU fairly (`ray job submit` does the same).
+        os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(num_cpus=num_cpus or os.cpu_count(), **ctx_kwargs)
     import ray.data
 

@@ -68,7 +68,9 @@ def test_a_local_clusters_workers_run_at_normal_priority():
     )
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", NICENESS)}
     try:
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -120,7 +120,7 @@ class EvalConfig:
     gallery_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
     val_n: int = 4  # gallery size used for the per-epoch validation score
     # gallery draws averaged into that score, which picks the best checkpoint: on 600 particles at
-    # n = 4 the score's spread between draws was 1.5 points with 3 of them, 0.7 with 20 (~0.1 s)
+    # n = 4 the score's spread between draws was 1.5-1.7 points with 3 of them, 0.7 with 20 (~0.05 s)
     val_repeats: int = 20
     val_combo: str = "I+P-I+P"  # the score that selects the best checkpoint (and Tune's objective)
     k: int = 3

@@ -1,5 +1,6 @@
-"""The small-map depthwise path computes exactly ``F.conv2d`` (values and gradients), is taken only
-where it is meant to be, and leaves parameters and state dicts untouched."""
+"""The small-map depthwise and whole-map dense paths compute exactly ``F.conv2d`` (values and
+gradients), are taken only where they are meant to be, and leave parameters and state dicts
+untouched."""
 
 from __future__ import annotations
 
@@ -12,7 +13,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from xmodal.models import cpu_kernels
-from xmodal.models.cpu_kernels import SmallMapDepthwiseConv2d, depthwise_small_map, use_small_map_depthwise
+from xmodal.models.cpu_kernels import (
+    WholeMapConv2d,
+    depthwise_small_map,
+    use_small_map_kernels,
+    whole_map_conv,
+)
 
 
 def _grads(fn, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, g: torch.Tensor):
@@ -20,6 +26,19 @@ def _grads(fn, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, g: torc
     y = fn(*leaves[:2], leaves[2] if b is not None else None)
     y.backward(g)
     return [y.detach()] + [t.grad for t in leaves]
+
+
+def _spy(monkeypatch: pytest.MonkeyPatch, name: str) -> list[tuple[int, int]]:
+    """Record the map size of every call to the fast path ``cpu_kernels.<name>``."""
+    calls: list[tuple[int, int]] = []
+    real = getattr(cpu_kernels, name)
+
+    def spy(x, *args):
+        calls.append(tuple(x.shape[-2:]))
+        return real(x, *args)
+
+    monkeypatch.setattr(cpu_kernels, name, spy)
+    return calls
 
 
 @pytest.mark.parametrize(
@@ -49,6 +68,46 @@ def test_matches_conv2d_values_and_gradients(c, h, w, k, stride, pad, bias) -> N
         torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12, msg=name)
 
 
+@pytest.mark.parametrize(
+    ("cin", "cout", "h", "w", "k", "stride", "pad", "bias"),
+    [
+        (5, 4, 1, 1, 3, 1, 1, False),  # ResNet's last stage at 32 px
+        (3, 6, 2, 2, 3, 2, 1, True),  # its stride-2 entry from 2x2
+        (2, 3, 1, 1, 7, 2, 3, True),  # a 7x7 stem on one pixel
+        (4, 2, 3, 3, 3, 1, 0, False),  # a kernel exactly covering the map, no padding
+        (2, 2, 1, 3, (3, 5), 1, (1, 1), True),  # non-square map, kernel and padding
+    ],
+)
+def test_whole_map_matches_conv2d_values_and_gradients(cin, cout, h, w, k, stride, pad, bias) -> None:
+    g = torch.Generator().manual_seed(cin * 100 + cout * 10 + h)
+    kh, kw = (k, k) if isinstance(k, int) else k
+    pads = (pad, pad) if isinstance(pad, int) else pad
+    x = torch.randn(3, cin, h, w, generator=g, dtype=torch.float64)
+    wt = torch.randn(cout, cin, kh, kw, generator=g, dtype=torch.float64)
+    b = torch.randn(cout, generator=g, dtype=torch.float64) if bias else None
+    ref_y = F.conv2d(x, wt, b, stride, pads)
+    assert ref_y.shape[-2:] == (1, 1)
+    gy = torch.randn(ref_y.shape, generator=g, dtype=torch.float64)
+
+    ours = _grads(lambda x, w, b: whole_map_conv(x, w, b, pads), x, wt, b, gy)
+    ref = _grads(lambda x, w, b: F.conv2d(x, w, b, stride, pads), x, wt, b, gy)
+    for name, a, r in zip(["output", "grad input", "grad weight", "grad bias"], ours, ref):
+        assert a.shape == r.shape, name
+        torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_whole_map_path_only_where_the_window_covers_the_input(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _spy(monkeypatch, "whole_map_conv")
+    for stride in (1, 2):
+        conv = nn.Conv2d(4, 5, 3, stride=stride, padding=1)
+        assert use_small_map_kernels(conv) == 1 and type(conv) is WholeMapConv2d
+        for size in (1, 2, 3, 4):
+            x = torch.randn(2, 4, size, size)
+            torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, stride, 1))
+    # one output pixel: stride 1 only from a 1x1 map; stride 2 from 1x1 and 2x2 (3x3 and 4x4 give 2x2)
+    assert calls == [(1, 1), (1, 1), (2, 2)]
+
+
 def test_channels_last_input_gives_the_same_result() -> None:
     x = torch.randn(2, 8, 4, 4)
     wt = torch.randn(8, 1, 5, 5)
@@ -64,41 +123,44 @@ def test_only_plain_depthwise_convs_are_switched() -> None:
         nn.Conv2d(8, 8, 3, padding=1, groups=8, padding_mode="reflect"),
         nn.Conv2d(8, 8, 3, padding="same", groups=8),  # string padding
         nn.Conv2d(8, 8, (3, 1), padding=(1, 0), groups=8),  # non-square kernel
-        nn.Conv2d(8, 8, 1),
+        nn.Conv2d(8, 8, 1),  # pointwise: left alone
         timm.layers.Conv2dSame(8, 8, 3, groups=8),  # a subclass with its own forward
+        nn.Conv2d(8, 4, 3, padding=1),  # dense: the whole-map path
+        timm.layers.Conv2dSame(4, 4, 3),
     )
-    assert use_small_map_depthwise(model) == 1
-    assert [type(m) is SmallMapDepthwiseConv2d for m in model] == [True] + [False] * 7
+    assert use_small_map_kernels(model) == 2
+    assert [type(m).__name__ for m in model] == ["SmallMapDepthwiseConv2d"] + ["Conv2d"] * 6 + [
+        "Conv2dSame",
+        "WholeMapConv2d",
+        "Conv2dSame",
+    ]
 
 
 def test_fast_path_only_for_maps_no_larger_than_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[tuple[int, int]] = []
-    real = cpu_kernels.depthwise_small_map
-
-    def spy(x, *args):
-        calls.append(tuple(x.shape[-2:]))
-        return real(x, *args)
-
-    monkeypatch.setattr(cpu_kernels, "depthwise_small_map", spy)
+    calls = _spy(monkeypatch, "depthwise_small_map")
     conv = nn.Conv2d(6, 6, 5, padding=2, groups=6)
-    use_small_map_depthwise(conv)
+    use_small_map_kernels(conv)
     for size in (2, 4, 5, 6, 8):
         x = torch.randn(2, 6, size, size)
         torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, 1, 2, groups=6))
     assert calls == [(2, 2), (4, 4), (5, 5)]  # 36 and 64 pixels > 25 taps: the stock kernel
 
 
-@pytest.mark.parametrize("name", ["efficientnet_b0", "convnext_femto"])
-def test_switched_timm_model_is_the_same_function(name: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "size"),
+    # 64 px: 2x2 and 4x4 maps in the last stages; resnet10t at 32 px ends on 1x1 maps
+    [("efficientnet_b0", 64), ("convnext_femto", 64), ("resnet10t", 32)],
+)
+def test_switched_timm_model_is_the_same_function(name: str, size: int) -> None:
     torch.manual_seed(0)
     stock = timm.create_model(name, in_chans=1, num_classes=0).double()
     fast = copy.deepcopy(stock)
-    n = use_small_map_depthwise(fast)
+    n = use_small_map_kernels(fast)
     assert n > 0
     assert list(fast.state_dict()) == list(stock.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(fast.state_dict().values(), stock.state_dict().values()))
 
-    x = torch.randn(3, 1, 64, 64, dtype=torch.float64)  # 64 px: 2x2 and 4x4 maps in the last stages
+    x = torch.randn(3, 1, size, size, dtype=torch.float64)
     outs = []
     for model in (stock, fast):
         model.train()

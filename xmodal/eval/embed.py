@@ -64,11 +64,11 @@ def embedding_set(batch: dict[str, Any], emb: dict[str, np.ndarray | None]) -> E
 
 def model_from_state(state: dict[str, Any], device: torch.device) -> torch.nn.Module:
     from xmodal.models.build import build_model
-    from xmodal.models.cpu_kernels import use_small_map_depthwise
+    from xmodal.models.cpu_kernels import use_small_map_kernels
 
     module = build_model(state["config"])
     module.load_state_dict(state["model"])
-    use_small_map_depthwise(module)  # same function and weights; faster kernels on CPU only
+    use_small_map_kernels(module)  # same function and weights; faster kernels on CPU only
     return module.to(device).eval()
 
 

@@ -1,4 +1,4 @@
-"""A faster CPU depthwise convolution for small feature maps (same function, same weights).
+"""Faster CPU convolutions for small feature maps (same function, same weights).
 
 At the 32-64 px images CPU training uses, the last stages of EfficientNet/MobileNet/ConvNeXt run
 depthwise 3x3-7x7 convolutions on 2x2 and 4x4 maps. PyTorch's CPU kernels (oneDNN and the native
@@ -11,13 +11,23 @@ the map has no more pixels than the kernel has taps (H*W <= k*k: 2x2 and 4x4 map
 kernels, 2x2 for 3x3), that matrix costs no more multiply-adds than the convolution itself and the
 whole layer is one batched matmul over channels forward and two backward: 4-15x faster than
 ``F.conv2d`` on those layers here. On larger maps and on any other device the module is exactly
-``nn.Conv2d``. The parameters, their names and the state dict do not change, so checkpoints
-move freely between this and plain ``nn.Conv2d``.
+``nn.Conv2d``.
+
+Dense convolutions whose output is a single pixel and whose window covers the whole input (the last
+ResNet stage at 32 px: 3x3 convolutions on 1x1 maps, and the stride-2 one from 2x2) multiply mostly
+padding: only the taps over the input matter, so the layer is a linear map of the flattened input
+with the cropped kernel. oneDNN computes all nine taps; measured per layer here (batch 64, 1
+thread, forward + backward) 3.6x faster on the 1x1 map and 1.6x on the stride-2 one, ~9 % of a
+resnet10t training step at 32 px.
+
+The parameters, their names and the state dict do not change, so checkpoints move freely between
+these and plain ``nn.Conv2d``.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 _INDEX_CACHE: dict[tuple[int, ...], torch.Tensor] = {}
@@ -71,28 +81,72 @@ class SmallMapDepthwiseConv2d(nn.Conv2d):
         return super()._conv_forward(x, weight, bias)
 
 
-def _eligible(m: nn.Module) -> bool:
+def whole_map_conv(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pad: tuple[int, int]
+) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, stride, pad)`` (groups 1) where the output is one pixel whose
+    window covers all of ``x``: the input flattened times the kernel cropped to the input."""
+    n, _, h, w = x.shape
+    taps = weight[:, :, pad[0] : pad[0] + h, pad[1] : pad[1] + w]
+    y = F.linear(x.reshape(n, -1), taps.reshape(weight.shape[0], -1), bias)
+    return y.view(n, -1, 1, 1)
+
+
+def _whole_map(h: int, w: int, kernel: tuple[int, ...], stride: tuple[int, ...], pad: tuple[int, ...]) -> bool:
+    """One output pixel whose window holds every input pixel (so every cut tap sees padding only)."""
+    return all(
+        _out_size(n, k, s, p) == 1 and p + n <= k for n, k, s, p in zip((h, w), kernel, stride, pad)
+    )
+
+
+class WholeMapConv2d(nn.Conv2d):
+    """``nn.Conv2d`` (groups 1) that takes the linear path on CPU where its output is one pixel
+    whose window covers the whole input."""
+
+    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if (
+            x.device.type == "cpu"
+            and x.dim() == 4
+            and _whole_map(x.shape[-2], x.shape[-1], self.kernel_size, self.stride, self.padding)
+        ):
+            return whole_map_conv(x, weight, bias, self.padding)
+        return super()._conv_forward(x, weight, bias)
+
+
+def _plain(m: nn.Module) -> bool:
+    # Subclasses of nn.Conv2d (timm's TF-"same" padding convs, ...) have their own forward.
     return (
         type(m) is nn.Conv2d
-        and m.groups == m.in_channels == m.out_channels
-        and m.kernel_size[0] == m.kernel_size[1]
-        and m.stride[0] == m.stride[1]
         and m.dilation == (1, 1)
         and isinstance(m.padding, tuple)
-        and m.padding[0] == m.padding[1]
         and m.padding_mode == "zeros"
     )
 
 
-def use_small_map_depthwise(model: nn.Module) -> int:
-    """Switch every plain depthwise ``nn.Conv2d`` in ``model`` to ``SmallMapDepthwiseConv2d`` in
-    place; returns how many. Subclasses of ``nn.Conv2d`` (timm's TF-"same" padding convs, ...) keep
-    their own forward and are left alone."""
+def _depthwise(m: nn.Conv2d) -> bool:
+    return (
+        m.groups == m.in_channels == m.out_channels
+        and m.kernel_size[0] == m.kernel_size[1]
+        and m.stride[0] == m.stride[1]
+        and m.padding[0] == m.padding[1]
+    )
+
+
+def use_small_map_kernels(model: nn.Module) -> int:
+    """Switch the plain ``nn.Conv2d`` layers of ``model`` in place: depthwise ones to
+    ``SmallMapDepthwiseConv2d``, dense ones (groups 1, kernel larger than 1x1) to
+    ``WholeMapConv2d``; returns how many were switched."""
     n = 0
     for m in model.modules():
-        if _eligible(m):
+        if not _plain(m):
+            continue
+        if _depthwise(m):
             # A class swap (as torch.nn.utils.parametrize does) keeps the parameter objects, hooks
-            # and state-dict names; the subclass adds no state.
+            # and state-dict names; the subclasses add no state.
             m.__class__ = SmallMapDepthwiseConv2d
-            n += 1
+        elif m.groups == 1 and m.kernel_size != (1, 1):
+            m.__class__ = WholeMapConv2d
+        else:
+            continue
+        n += 1
     return n

@@ -60,7 +60,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
 
     from xmodal.models.build import build_model
-    from xmodal.models.cpu_kernels import use_small_map_depthwise
+    from xmodal.models.cpu_kernels import use_small_map_kernels
     from xmodal.train.validate import update_center, validate
 
     cfg: Config = config_from_dict(loop_config["cfg"])
@@ -78,7 +78,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         module.load_state_dict(resume["model"])
         start_epoch, global_step = resume["epoch"], resume["global_step"]
     module.to(device)
-    use_small_map_depthwise(module)  # same function and weights; faster kernels on CPU only
+    use_small_map_kernels(module)  # same function and weights; faster kernels on CPU only
     if device.type == "cuda" and cfg.train.channels_last:
         module = module.to(memory_format=torch.channels_last)
     forward_module = torch.compile(module) if cfg.train.compile else module

@@ -101,3 +101,17 @@ def test_embed_streams_resumes_and_grows(ray_session, archive, tmp_path, monkeyp
     assert before == {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")}
     with pytest.raises(FileExistsError, match="--overwrite"):
         embed(archive / "other", data, out)
+
+
+def test_cpu_inference_model_is_channels_last_and_the_same_function(archive) -> None:
+    state = load_checkpoint(archive / "ckpt")
+    cpu = torch.device("cpu")
+    fast = model_from_state(state, cpu)
+    convs = [m.weight for m in fast.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    plain = build_model(state["config"])
+    plain.load_state_dict(state["model"])
+    batch = table_to_model_batch(pq.read_table(archive / "data" / "part-00000.parquet"), 24, 32)
+    got, ref = embed_arrays(fast, batch, cpu), embed_arrays(plain.eval(), batch, cpu)
+    for m in ("image", "profile"):
+        np.testing.assert_allclose(got[m], ref[m], rtol=0, atol=1e-5)

@@ -28,6 +28,13 @@ def _grads(fn, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, g: torc
     return [y.detach()] + [t.grad for t in leaves]
 
 
+def _assert_same(ours: list[torch.Tensor], ref: list[torch.Tensor]) -> None:
+    """Output and gradients (input, weight, bias) equal to float64 rounding."""
+    for name, a, r in zip(["output", "grad input", "grad weight", "grad bias"], ours, ref):
+        assert a.shape == r.shape, name
+        torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12, msg=name)
+
+
 def _spy(monkeypatch: pytest.MonkeyPatch, name: str) -> list[tuple[int, int]]:
     """Record the map size of every call to the fast path ``cpu_kernels.<name>``."""
     calls: list[tuple[int, int]] = []
@@ -63,9 +70,7 @@ def test_matches_conv2d_values_and_gradients(c, h, w, k, stride, pad, bias) -> N
 
     ours = _grads(lambda x, w, b: depthwise_small_map(x, w, b, stride, pad), x, wt, b, gy)
     ref = _grads(lambda x, w, b: F.conv2d(x, w, b, stride, pad, groups=c), x, wt, b, gy)
-    for name, a, r in zip(["output", "grad input", "grad weight", "grad bias"], ours, ref):
-        assert a.shape == r.shape, name
-        torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12, msg=name)
+    _assert_same(ours, ref)
 
 
 @pytest.mark.parametrize(
@@ -91,9 +96,7 @@ def test_whole_map_matches_conv2d_values_and_gradients(cin, cout, h, w, k, strid
 
     ours = _grads(lambda x, w, b: whole_map_conv(x, w, b, pads), x, wt, b, gy)
     ref = _grads(lambda x, w, b: F.conv2d(x, w, b, stride, pads), x, wt, b, gy)
-    for name, a, r in zip(["output", "grad input", "grad weight", "grad bias"], ours, ref):
-        assert a.shape == r.shape, name
-        torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12, msg=name)
+    _assert_same(ours, ref)
 
 
 def test_whole_map_path_only_where_the_window_covers_the_input(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -107,3 +107,19 @@ def test_bad_tables_and_headers_are_explicit_errors(tmp_path: Path) -> None:
         ChannelMap.from_yaml(tmp_path / "none.yaml")
     with pytest.raises(DataError, match=r"f\.csv: channel\(s\) \['FL Red', 'Fl Red'\] appear more than once"):
         ChannelMap().resolve(CEFAS + ["FL Red"], "f.csv")
+
+
+def test_a_header_that_maps_no_channel_is_an_error_even_with_fill_missing() -> None:
+    """A headerless profile's first line is numbers: zero-filling it would store a profile of zeros."""
+    names = ["42.8", "118.4", "400.6", "291.1", "47.1", "216.6"]
+    for fill_missing in (False, True):
+        with pytest.raises(DataError, match=r"p\.csv: not one canonical channel .* header line missing"):
+            ChannelMap().resolve(names, "p.csv", fill_missing=fill_missing)
+
+
+def test_a_repeated_channel_name_is_an_error_only_if_it_is_used() -> None:
+    plan = ChannelMap().resolve(BEADS + ["FWS L"], "beads")  # FWS L is not used: FWS wins
+    m = _matrix(12)
+    np.testing.assert_array_equal(plan.apply(m), m[[0, 1, 5, 6, 7, 8]].astype(np.float32))
+    with pytest.raises(DataError, match=r"channel\(s\) \['FWS'\] appear more than once"):
+        ChannelMap().resolve(BEADS + ["FWS"], "beads")

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from xmodal.data.quarantine import DataError
 from xmodal.data.readers import cytoclus
 
 
@@ -195,3 +196,66 @@ def _move(ls: list[bytes]) -> list[bytes]:
     del rest[1:3]  # 63's separator pair, right after the header
     k = _pulse_lines(rest, 118)[-1] + 3
     return rest[:k] + block + rest[k:]
+
+
+def test_garbled_id_on_a_particles_first_pulse_line_is_charged_to_that_particle(
+    rd: SimpleNamespace, cefas_copy: Path, tmp_path: Path
+) -> None:
+    """The good line above the first line of 88 is a separator row (ID 0): 88 is the culprit, not a
+    'particle 0' (nor the particle above the separators)."""
+    pulses = Path(f"{cefas_copy}_Pulses.csv")
+
+    def garble(ls: list[bytes]) -> list[bytes]:
+        i = _pulse_lines(ls, 88)[0]
+        assert ls[i - 1] == b"0,0,0,0,0,0,0"
+        ls[i] = b"?" + ls[i][2:]
+        return ls
+
+    rd.edit_lines(pulses, garble)
+    report, rows = rd.run(cefas_copy.parent, tmp_path / "out")
+    assert (report.seen, report.ingested, report.reasons) == (817, 816, {"malformed_row": 1})
+    assert "field 1 ('?') is not a number" in rd.quarantined(tmp_path / "out")[_name(88)]["message"]
+
+
+def test_trailing_separators_and_quoted_header_names_read_as_the_plain_export(
+    rd: SimpleNamespace, cefas_copy: Path, tmp_path: Path, cefas_ingested
+) -> None:
+    """Every line ends with ',' and the header names are quoted (R's write.csv): same particles."""
+
+    def edit(ls: list[bytes]) -> list[bytes]:
+        bom, names = ls[0][:3], ls[0][3:].split(b",")
+        assert bom == b"\xef\xbb\xbf"
+        ls[0] = bom + b",".join(b'"' + n + b'"' for n in names)
+        return [ln + b"," if ln else ln for ln in ls]
+
+    for suffix in ("_Pulses.csv", "_Listmode.csv"):
+        rd.edit_lines(Path(f"{cefas_copy}{suffix}"), edit)
+    assert Path(f"{cefas_copy}_Listmode.csv").read_bytes().startswith(b'\xef\xbb\xbf"Particle ID","Sample')
+    report, rows = rd.run(cefas_copy.parent, tmp_path / "out")
+    _, reference = cefas_ingested
+    assert report.quarantined == 0 and rows.keys() == reference.keys()
+    for pid, row in rows.items():
+        assert row == reference[pid], pid
+
+
+def test_ulco_with_a_trailing_semicolon_keeps_its_outcomes(
+    rd: SimpleNamespace, realdata: Path, tmp_path: Path
+) -> None:
+    """';' separators, decimal commas and a ';' closing every line, header included."""
+    src = rd.copy_export(rd.ulco_prefix(realdata), tmp_path / "src")
+    for suffix in ("_Pulses.csv", "_Listmode.csv"):
+        rd.edit_lines(Path(f"{src}{suffix}"), lambda ls: [ln + b";" if ln else ln for ln in ls])
+    report, rows = rd.run(src.parent, tmp_path / "out")
+    assert (report.ingested, report.reasons) == (6, {"malformed_row": 2, "empty_image": 1})
+    text = rd.pulse_text(Path(f"{rd.ulco_prefix(realdata)}_Pulses.csv"))
+    for pid in (0, 1, 3543):
+        row = rows[f"R4_photos_flr16_2uls_10min_2022-09-14_12h28:{pid}"]
+        np.testing.assert_array_equal(rd.profile(row), rd.as_float32(text[pid]))
+
+
+def test_cr_only_line_endings_are_named(rd: SimpleNamespace, realdata: Path, tmp_path: Path) -> None:
+    src = rd.copy_export(rd.ulco_prefix(realdata), tmp_path / "src")
+    pulses = Path(f"{src}_Pulses.csv")
+    pulses.write_bytes(pulses.read_bytes().replace(b"\r\n", b"\r"))
+    with pytest.raises(DataError, match=r"_Pulses\.csv: CR-only line endings"):
+        rd.run(src.parent, tmp_path / "out")

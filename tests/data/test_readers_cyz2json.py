@@ -12,9 +12,10 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from xmodal.data.quarantine import DataError
+from xmodal.data.readers import detect_format
 
 BEADS_FILE = "BeadsCalibration 2017-02-08 13h50_Beads.cyz2json-layout.json.gz"
 ULCO_JSON = "ulco_r4.cyz2json-layout.json"
@@ -109,7 +110,7 @@ def test_corrupted_particles_get_their_reasons(rd: SimpleNamespace, ulco_doc: di
 def test_crop_rectangle_crops_the_image(rd: SimpleNamespace, ulco_doc: dict, tmp_path: Path) -> None:
     doc = copy.deepcopy(ulco_doc)
     _image(doc, 4206)["cropRectangle"] = {"X": 20, "Y": 10, "Width": 150, "Height": 60}
-    _image(doc, 3543)["cropRectangle"] = {"X": 40, "Y": 40, "Width": 80, "Height": 80}  # outside 80x80
+    _image(doc, 3543)["cropRectangle"] = {"X": 40, "Y": 40, "Width": 60, "Height": 60}  # outside 80x80
     report, rows = rd.run(_write(doc, tmp_path / "in" / "ulco.json.gz"), tmp_path / "out")
     row = rows["ulco:4206"]
     assert (row["image_height"], row["image_width"]) == (60, 150)
@@ -149,3 +150,63 @@ def test_two_files_with_one_source_name_are_refused(
     (tmp_path / "in" / "ulco.json").write_text(json.dumps(ulco_doc))
     with pytest.raises(DataError, match="both get the source name 'ulco'"):
         rd.run(tmp_path / "in", tmp_path / "out")
+
+
+CHANNELS6 = ["FWS", "SWS", "FL Yellow", "FL Orange", "FL Red", "Curvature"]
+
+
+def _jpeg(size: tuple[int, int] = (60, 50)) -> bytes:
+    """A dark ellipse on a bright background (passes the empty-crop check), as JPEG bytes."""
+    w, h = size
+    im = Image.new("L", size, 190)
+    ImageDraw.Draw(im).ellipse((w // 4, h // 4, 3 * w // 4, 3 * h // 4), fill=40)
+    b = io.BytesIO()
+    im.save(b, format="JPEG", quality=95)
+    return b.getvalue()
+
+
+def _doc(n_particles: int, images: list[dict], channels: list[str] = CHANNELS6) -> dict:
+    """A minimal cyz2json document: particles 0..n-1 with 3-sample pulses for ``channels``."""
+    shapes = [{"description": c, "values": [1.0 + i, 5.0, 2.0]} for i, c in enumerate(channels)]
+    particles = [{"particleId": pid, "pulseShapes": shapes} for pid in range(n_particles)]
+    return {
+        "filename": "x.cyz",
+        "instrument": {
+            "name": "I",
+            "channels": [{"id": i, "description": c} for i, c in enumerate(channels)],
+        },
+        "particles": particles,
+        "images": images,
+    }
+
+
+def test_images_already_cropped_by_cyz2json_are_kept_as_they_are(rd: SimpleNamespace, tmp_path: Path) -> None:
+    """cyz2json's image-processing option writes the crop itself and where it sat in the camera frame."""
+    jpeg = _jpeg()
+    images = [
+        {"particleId": pid, "base64": base64.b64encode(jpeg).decode(), "cropRectangle": rect}
+        for pid, rect in enumerate(
+            [{"X": 812, "Y": 604, "Width": 60, "Height": 50}, {"X": 0, "Y": 0, "Width": 60, "Height": 50}]
+        )
+    ]
+    report, rows = rd.run(_write(_doc(2, images), tmp_path / "in" / "s.json.gz"), tmp_path / "out")
+    assert (report.ingested, report.quarantined) == (2, 0)
+    for pid in (0, 1):
+        assert rows[f"s:{pid}"]["image"] == jpeg
+        assert (rows[f"s:{pid}"]["image_height"], rows[f"s:{pid}"]["image_width"]) == (50, 60)
+
+
+def test_string_ids_wrapped_base64_upper_case_suffix_and_an_unused_repeated_channel(
+    rd: SimpleNamespace, tmp_path: Path
+) -> None:
+    jpeg = _jpeg()
+    b64 = base64.b64encode(jpeg).decode()
+    images = [{"particleId": "1", "base64": "\r\n".join(b64[i : i + 76] for i in range(0, len(b64), 76))}]
+    doc = _doc(2, images, channels=CHANNELS6 + ["FWS L", "FWS L"])  # FWS L is not used (FWS is)
+    path = tmp_path / "in" / "S.JSON.GZ"
+    _write(doc, path)
+    assert detect_format(path.parent) == "cyz2json"
+    report, rows = rd.run(path.parent, tmp_path / "out")
+    assert (report.seen, report.ingested, report.quarantined) == (2, 2, 0)
+    assert rows["S:1"]["image"] == jpeg and not rows["S:0"]["has_image"]
+    assert rd.profile(rows["S:0"])[:, 0].tolist() == [1, 2, 3, 4, 5, 6]

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from xmodal.data.quarantine import DataError
 
@@ -136,3 +136,112 @@ def test_annotations_without_required_columns_is_an_error(cefas_layout: Path, tm
     (cefas_layout / "annotations.csv").write_text("img,profile,class\na.png,b.csv,x\n")
     with pytest.raises(DataError, match=r"annotations\.csv: header .* lacks column\(s\) \['image'\]"):
         ingest(cefas_layout, tmp_path / "out", quiet=True)
+
+
+CHANNEL_HEADER = "FWS,SWS,FL Yellow,FL Orange,FL Red,Curvature"
+VALUES = np.array([[10, 20, 3, 4, 50, 0.1], [30, 40, 5, 6, 70, -0.2]])
+
+
+def particle_image(size: tuple[int, int] = (40, 30)) -> Image.Image:
+    """A dark disk on a bright background: passes the empty-crop check."""
+    w, h = size
+    im = Image.new("L", size, 200)
+    ImageDraw.Draw(im).ellipse((w // 4, h // 4, 3 * w // 4, 3 * h // 4), fill=40)
+    return im
+
+
+def write_layout(dest: Path, profiles: list[bytes], labels: list[str] | None = None, sep: str = "/") -> Path:
+    """A SYKE layout of one PNG crop and one profile per particle; annotations.csv paths use ``sep``."""
+    (dest / "images").mkdir(parents=True)
+    (dest / "profiles").mkdir()
+    lines = ["image,profile,class"]
+    for i, data in enumerate(profiles):
+        particle_image().save(dest / "images" / f"{i}.png")
+        (dest / "profiles" / f"{i}.csv").write_bytes(data)
+        lines.append(f"images{sep}{i}.png,profiles{sep}{i}.csv,{labels[i] if labels else 'A'}")
+    (dest / "annotations.csv").write_text("\n".join(lines) + "\n")
+    return dest
+
+
+def plain_profile() -> bytes:
+    return (CHANNEL_HEADER + "\n" + "\n".join(",".join(f"{v:g}" for v in r) for r in VALUES) + "\n").encode()
+
+
+def test_cp1252_annotations_keep_their_labels_apart_and_are_noted(
+    rd: SimpleNamespace, tmp_path: Path
+) -> None:
+    labels = ["Skeletonema_ä", "Skeletonema_ö"]
+    layout = write_layout(tmp_path / "LAB", [plain_profile()] * 2, labels)
+    ann = layout / "annotations.csv"
+    ann.write_bytes(ann.read_text().encode("cp1252"))  # Excel's "CSV (Comma delimited)" on Windows
+    report, rows = rd.run(layout, tmp_path / "out", crop_header_px=0)
+    assert [rows[f"LAB:images/{i}.png"]["label"] for i in (0, 1)] == labels
+    (note,) = report.domains["LAB"].notes
+    assert "annotations.csv is not UTF-8; read as cp1252" in note and note in report.summary()
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "FWS,SWS,FL Yellow,FL Orange,FL Red,Curvature,\n10,20,3,4,50,0.1,\n30,40,5,6,70,-0.2,\n",
+        "FWS;SWS;FL Yellow;FL Orange;FL Red;Curvature;\r\n10;20;3;4;50;0,1;\r\n30;40;5;6;70;-0,2;\r\n",
+        '"FWS","SWS","FL Yellow","FL Orange","FL Red","Curvature"\n10,20,3,4,50,0.1\n30,40,5,6,70,-0.2\n',
+        "FWS,SWS,FL Yellow,FL Orange,FL Red,Curvature\r10,20,3,4,50,0.1\r30,40,5,6,70,-0.2\r",
+    ],
+    ids=["trailing-comma", "trailing-semicolon-decimal-comma", "quoted-header", "cr-only"],
+)
+def test_profile_csv_variants_read_the_same_values(rd: SimpleNamespace, tmp_path: Path, text: str) -> None:
+    layout = write_layout(tmp_path / "LAB", [text.encode()])
+    report, rows = rd.run(layout, tmp_path / "out", crop_header_px=0)
+    assert report.quarantined == 0
+    np.testing.assert_array_equal(rd.profile(rows["LAB:images/0.png"]), VALUES.T.astype(np.float32))
+
+
+@pytest.mark.parametrize("fill_missing", [False, True])
+def test_a_headerless_profile_quarantines_its_particle_only(
+    rd: SimpleNamespace, tmp_path: Path, fill_missing: bool
+) -> None:
+    headerless = plain_profile().split(b"\n", 1)[1]  # np.savetxt without a header
+    layout = write_layout(tmp_path / "LAB", [plain_profile(), headerless, plain_profile()])
+    report, rows = rd.run(layout, tmp_path / "out", crop_header_px=0, fill_missing=fill_missing)
+    assert (report.seen, report.ingested, report.reasons) == (3, 2, {"malformed_row": 1})
+    entry = rd.quarantined(tmp_path / "out")["LAB:images/1.png"]
+    assert entry["file"].endswith("profiles/1.csv") and "header line missing or damaged" in entry["message"]
+    assert "['10', '20', '3', '4', '50', '0.1']" in entry["message"]  # what the 'header' holds
+
+
+def test_source_name_of_dot_and_of_a_folder_with_a_space(
+    rd: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    layout = write_layout(tmp_path / "LAB 2024", [plain_profile()])
+    monkeypatch.chdir(layout)
+    report, rows = rd.run(Path("."), tmp_path / "out", crop_header_px=0)
+    assert list(report.domains) == ["LAB_2024"] and list(rows) == ["LAB_2024:images/0.png"]
+    assert rows["LAB_2024:images/0.png"]["source"] == "LAB_2024"
+
+
+def test_windows_backslash_paths_are_read_and_still_cannot_escape(
+    rd: SimpleNamespace, tmp_path: Path
+) -> None:
+    layout = write_layout(tmp_path / "LAB", [plain_profile()] * 2, sep="\\")
+    (tmp_path / "outside.csv").write_bytes(plain_profile())
+    with open(layout / "annotations.csv", "a") as f:
+        f.write(",..\\outside.csv,A\n,profiles\\..\\..\\etc\\passwd,A\n")
+    report, rows = rd.run(layout, tmp_path / "out", crop_header_px=0)
+    assert sorted(rows) == ["LAB:images\\0.png", "LAB:images\\1.png"]
+    assert rows["LAB:images\\1.png"]["has_image"] and rows["LAB:images\\1.png"]["has_profile"]
+    assert report.reasons == {"path_escape": 2}
+
+
+def test_a_profile_lacking_a_channel_stops_the_ingest_naming_file_and_channel(
+    rd: SimpleNamespace, tmp_path: Path
+) -> None:
+    """An instrument without a channel needs a decision (--channel-map or --fill-missing), as in the
+    other readers: an error, not every particle quarantined."""
+    no_red = CHANNEL_HEADER.replace(",FL Red", "") + "\n10,20,3,4,0.1\n"
+    layout = write_layout(tmp_path / "LAB", [plain_profile(), no_red.encode()])
+    with pytest.raises(DataError, match=r"profiles/1\.csv: .*no column for canonical channel\(s\) \['FL Red'\]"):
+        rd.run(layout, tmp_path / "out", crop_header_px=0)
+    report, rows = rd.run(layout, tmp_path / "out2", crop_header_px=0, fill_missing=True)
+    assert (report.ingested, report.quarantined) == (2, 0)
+    assert rows["LAB:images/1.png"]["channel_mask"] == [True, True, True, True, False, True]

@@ -15,6 +15,7 @@ from PIL import Image, ImageFilter
 
 from xmodal.data.quarantine import Rejected
 from xmodal.data.readers.validate import ReaderOptions, check_image, image_contrast, object_contrast
+from xmodal.data.transforms import to_gray8
 
 DEFAULT = ReaderOptions()
 
@@ -144,3 +145,38 @@ def test_faint_and_thin_particles_of_other_real_instruments_are_kept(realdata: P
         check_image(encode(np.asarray(im, dtype=np.float64)), DEFAULT)
     # the edge measure alone would have quarantined 69 of these particles (14% of the FlowCam run)
     assert soft_edged >= 50
+
+
+@pytest.mark.parametrize("mode", ["I;16B", "I"])
+def test_wide_integer_tiff_keeps_its_gray_levels_when_the_header_is_cut(mode: str) -> None:
+    """Big-endian 16-bit (ImageJ) and 32-bit integer TIFFs: the stored crop is 16-bit PNG with the
+    same values, so it decodes (``to_gray8``) to the gray levels of the original rows."""
+    y, x = np.mgrid[:80, :60]
+    a = (x * 900 + y * 97).astype(np.int64)  # a ramp over the 16-bit range, not multiples of 257
+    a[40:60, 20:40] = 3000  # the particle
+    if mode == "I;16B":
+        im = Image.frombytes(mode, (60, 80), a.astype(">u2").tobytes())
+    else:
+        a[0, :3] = (-5, 70000, 2**31 - 1)  # outside 0-65535: clipped, as to_gray8 clips them
+        im = Image.fromarray(a.astype(np.int32))
+    buf = io.BytesIO()
+    im.save(buf, format="TIFF")
+    data, hw = check_image(buf.getvalue(), ReaderOptions(crop_header_px=25))
+    assert hw == (55, 60)
+    stored = Image.open(io.BytesIO(data))
+    assert (stored.format, stored.mode) == ("PNG", "I;16")
+    np.testing.assert_array_equal(np.asarray(stored), np.clip(a, 0, 65535)[25:])
+    original = Image.open(io.BytesIO(buf.getvalue()))
+    np.testing.assert_array_equal(np.asarray(to_gray8(stored)), np.asarray(to_gray8(original))[25:])
+
+
+def test_a_crop_that_cannot_be_re_encoded_is_rejected_not_raised(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = encode(np.pad(np.full((20, 20), 40.0), 10, constant_values=200))
+
+    def fail(*args, **kwargs):
+        raise OSError("cannot write mode X as PNG")
+
+    monkeypatch.setattr(Image.Image, "save", fail)
+    with pytest.raises(Rejected) as e:
+        check_image(data, ReaderOptions(crop_header_px=2))
+    assert e.value.reason == "unreadable_image" and "cannot write mode X" in e.value.message

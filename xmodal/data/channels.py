@@ -18,8 +18,11 @@ defaults, so they can both add names and change preferences::
     FL Green: FL Yellow    # an instrument that names its yellow channel differently
 
 A canonical channel that no entry can fill is an error naming the file and the channel, or, with
-``fill_missing``, an all-zero channel whose ``channel_mask`` entry is False. Channels are always
-placed by name, never by column position.
+``fill_missing``, an all-zero channel whose ``channel_mask`` entry is False. A file in which no
+canonical channel can be filled at all (a missing or damaged header) is an error even with
+``fill_missing``: zero-filling it would store a profile of zeros. A channel name that appears twice
+is an error only when the table would use it. Channels are always placed by name, never by column
+position.
 """
 
 from __future__ import annotations
@@ -69,6 +72,11 @@ DEFAULT_CHANNEL_MAP: tuple[tuple[str, str], ...] = (
     ("Red Fluorescence", "FL Red"),
     ("Curvature", "Curvature"),
 )
+
+class NoChannelHeader(DataError):
+    """A header in which not one canonical channel can be found: a missing or damaged header line
+    (a data problem of that file), not an instrument whose channels need mapping."""
+
 
 _SPACE = re.compile(r"[\s_.-]+")
 
@@ -168,10 +176,9 @@ class ChannelMap:
     def resolve(self, names: Sequence[str], where: str, fill_missing: bool = False) -> ChannelPlan:
         """Plan for a file whose channels are ``names`` (in file order); ``where`` names the file."""
         keys = [normalize_name(n) for n in names]
-        dupes = sorted({names[i] for i, k in enumerate(keys) if keys.count(k) > 1})
-        if dupes:
-            raise DataError(f"{where}: channel(s) {dupes} appear more than once; cannot tell which to use")
-        index = {k: i for i, k in enumerate(keys)}
+        index: dict[str, int] = {}
+        for i, k in enumerate(keys):
+            index.setdefault(k, i)
         sources: list[tuple[int, ...]] = []
         missing: list[str] = []
         for canonical in CHANNELS:
@@ -183,6 +190,16 @@ class ChannelMap:
             if not chosen:
                 missing.append(canonical)
             sources.append(chosen)
+        used = {keys[i] for idx in sources for i in idx}
+        dupes = sorted({names[i] for i, k in enumerate(keys) if k in used and keys.count(k) > 1})
+        if dupes:
+            raise DataError(f"{where}: channel(s) {dupes} appear more than once; cannot tell which to use")
+        if len(missing) == len(CHANNELS):
+            raise NoChannelHeader(
+                f"{where}: not one canonical channel {list(CHANNELS)} can be filled from the columns "
+                f"{list(names)}{self._unknown_hint(names)}; is the header line missing or damaged? "
+                f"It must name the channels (or map them with --channel-map FILE)."
+            )
         if missing and not fill_missing:
             raise DataError(
                 f"{where}: no column for canonical channel(s) {missing}; the file has {list(names)}"

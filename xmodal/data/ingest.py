@@ -8,8 +8,9 @@ temporary folder and replace the old ``part-*.parquet`` files only once the doma
 re-run gives the same output, never duplicates, and a failed run leaves the previous data intact.
 
 ``OUT/ingest_report.json`` holds counts per domain and per quarantine reason, the first examples,
-and the channel mapping used; ``OUT/quarantine.jsonl`` lists every quarantined particle.
-``seen == ingested + quarantined`` is checked for every domain.
+the channel mapping used and the readers' notes (e.g. a file read as cp1252, not UTF-8; also in the
+summary); ``OUT/quarantine.jsonl`` lists every quarantined particle. ``seen == ingested +
+quarantined`` is checked for every domain.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ class DomainReport:
     shards: list[str] = field(default_factory=list)
     channels: list[dict[str, Any]] = field(default_factory=list)  # distinct mappings, with an example file
     crop_header_px: dict[str, int] = field(default_factory=dict)  # source -> rows cut off each image's top
+    notes: list[str] = field(default_factory=list)  # the readers' notes on how files were read
 
 
 @dataclass
@@ -102,6 +104,7 @@ class IngestReport:
             lines.append(
                 f"  {name}: {d.ingested} particles in {len(d.shards)} shard(s) -> {Path(self.out) / name}"
             )
+            lines.extend(f"  note: {note}" for note in d.notes)
         rate = f" ({self.seen / self.elapsed_s:.0f} particles/s)" if self.elapsed_s > 0 else ""
         lines.append(
             f"  report {Path(self.out) / REPORT_NAME}, quarantine log {Path(self.out) / QUARANTINE_NAME}; "
@@ -111,8 +114,8 @@ class IngestReport:
 
 
 Result = tuple[
-    pa.Table | None, list[QuarantineEntry], int, dict[str, Any]
-]  # records, entries, seen, channels
+    pa.Table | None, list[QuarantineEntry], int, dict[str, Any], list[str]
+]  # records, entries, seen, channels, notes
 
 
 def _run_task(task: Task) -> Result:
@@ -124,7 +127,8 @@ def _run_task(task: Task) -> Result:
 def _split(batch: Batch) -> Result:
     records = [x for x in batch.items if not isinstance(x, QuarantineEntry)]
     entries = [x for x in batch.items if isinstance(x, QuarantineEntry)]
-    return (records_to_table(records) if records else None), entries, batch.seen, batch.channels
+    table = records_to_table(records) if records else None
+    return table, entries, batch.seen, batch.channels, batch.notes
 
 
 def _done(value: Any) -> Future:
@@ -254,7 +258,7 @@ def _ingest_domain(
         for source, path in sources:
             source_opts = _header_options(reader, path, source, opts, auto_header, quiet)
             report.crop_header_px[source] = source_opts.crop_header_px
-            for table, entries, seen, channels in runner.run(
+            for table, entries, seen, channels, notes in runner.run(
                 reader.iter_work(path, source, name, source_opts)
             ):
                 for entry in entries:
@@ -265,6 +269,7 @@ def _ingest_domain(
                     report.ingested += table.num_rows
                     report.with_image += int(pc.sum(table["has_image"]).as_py() or 0)
                 report.seen += seen
+                report.notes.extend(notes)
                 report.quarantined += len(entries)
                 for file, mapping in channels.items():
                     mappings.setdefault(

@@ -17,11 +17,13 @@ from typing import IO, Any
 # Reason code -> what it means. The codes are stable: reports and scripts match on them.
 REASONS: dict[str, str] = {
     "malformed_row": "a row with the wrong number of fields, a value that is not a number, or a record "
-    "whose structure is broken (e.g. a listmode row cut or merged by an editor)",
+    "whose structure is broken (e.g. a listmode row cut or merged by an editor, a profile CSV whose "
+    "header is missing or names no channel)",
     "length_mismatch": "the pulse shape has a different number of samples than the listmode's Sample "
     "Length, or the channels of one particle differ in length",
     "non_finite": "a pulse value is NaN or infinite (or overflows float32)",
-    "unreadable_image": "the image bytes cannot be decoded (truncated, corrupt, not an image, bad base64)",
+    "unreadable_image": "the image bytes cannot be decoded (truncated, corrupt, not an image, bad base64), "
+    "or its crop cannot be re-encoded as PNG",
     "empty_image": "the image shows no object: neither sharp edges nor a faint or soft-edged particle stand "
     "out from the smooth background (a failed crop), or nothing is left after the header crop",
     "image_too_large": "the image has more pixels than the configured limit (decompression-bomb guard); "

@@ -33,7 +33,7 @@ def get_reader(fmt: str) -> ModuleType:
 
 def _signatures(src: Path) -> list[str]:
     if src.is_file():
-        if src.name.endswith(cyz2json.SUFFIXES):
+        if cyz2json.is_json_name(src.name):
             return ["cyz2json"]
         if src.name.endswith((cytoclus.PULSES, cytoclus.LISTMODE)):
             return ["cytoclus"]

@@ -25,6 +25,7 @@ class Batch:
     seen: int
     items: list[Item] = field(default_factory=list)
     channels: dict[str, Any] = field(default_factory=dict)  # file -> ChannelPlan.describe(), for the report
+    notes: list[str] = field(default_factory=list)  # what the user should know (a file read as cp1252)
 
 
 Task = Callable[[], Batch]

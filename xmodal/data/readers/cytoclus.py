@@ -8,10 +8,12 @@ particle 0. The listmode supplies each particle's ``Sample Length`` (checked aga
 is read whole (two numbers per particle). Particles with no crop are kept as profile-only records.
 
 Outcome per particle ID, first failing check wins: a malformed listmode row or pulse line ->
-``malformed_row``; a second pulse for an ID -> ``duplicate_id`` for the repeat (the first pulse keeps
-the ID); an ID with several listmode rows -> ``duplicate_id`` for every row, since which one describes
-the pulse is ambiguous; an ID missing from the listmode or the pulses, or a crop with neither ->
-``unmatched_id``; then ``length_mismatch``, ``non_finite`` and the image checks (in worker processes).
+``malformed_row`` (a pulse line whose ID cannot be read is charged to its neighbours' particle: the
+one above, or the one below when the line starts a particle); a second pulse for an ID ->
+``duplicate_id`` for the repeat (the first pulse keeps the ID); an ID with several listmode rows ->
+``duplicate_id`` for every row, since which one describes the pulse is ambiguous; an ID missing
+from the listmode or the pulses, or a crop with neither -> ``unmatched_id``; then
+``length_mismatch``, ``non_finite`` and the image checks (in worker processes).
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from xmodal.data.readers.base import Batch, Item, Task, safe_name
 from xmodal.data.readers.delimited import (
     BadLine,
     Dialect,
-    decode_line,
+    decode_header,
+    header_names,
     iter_blocks,
     parse_rows,
     sniff_dialect,
@@ -97,8 +100,10 @@ def read_listmode(path: str, source: str) -> tuple[dict[int, ListmodeRow], list[
             f"{path}: listmode file missing; a CytoClus export needs {LISTMODE} beside {PULSES}"
         ) from None
     head, _, body = data.partition(b"\n")
-    sep = sniff_dialect(decode_line(head), body, path).sep
-    header = decode_line(head).split(sep)
+    header_text = decode_header(head, path)
+    dialect = sniff_dialect(header_text, body, path)
+    sep, header = dialect.sep, header_names(header_text, dialect)
+    n_expected = len(header) + dialect.trailing  # a trailing separator ends every row too
     keys = [normalize_name(h) for h in header]
     if "particleid" not in keys or "samplelength" not in keys:
         raise DataError(f"{path}: header lacks 'Particle ID' or 'Sample Length' (has {header[:4]}...)")
@@ -131,8 +136,8 @@ def read_listmode(path: str, source: str) -> tuple[dict[int, ListmodeRow], list[
             )
             continue
         problem = (
-            f"listmode line {n} has {n_fields} fields, expected {len(header)}"
-            if n_fields != len(header)
+            f"listmode line {n} has {n_fields} fields, expected {n_expected}"
+            if n_fields != n_expected
             else None
         )
         rows[pid] = ListmodeRow(n, fields[i_len].strip() if len(fields) > i_len else "", problem)
@@ -271,9 +276,9 @@ def iter_work(prefix: Path, source: str, domain: str, opts: ReaderOptions) -> It
         head = f.readline()
         sample = f.read(1 << 16)
         f.seek(len(head))
-        header = decode_line(head)
+        header = decode_header(head, pulses)
         dialect = sniff_dialect(header, sample, pulses)
-        names = [n.strip() for n in header.split(dialect.sep)]
+        names = header_names(header, dialect)
         if normalize_name(names[0]) != "particleid":
             raise DataError(f"{pulses}: first column is {names[0]!r}, expected 'Particle ID'")
         plan = opts.channel_map.resolve(names[1:], pulses, opts.fill_missing)
@@ -322,7 +327,7 @@ def _stream_particles(
             ids = np.concatenate([carry_ids, ids[ok].astype(np.int64)])
             vals = np.concatenate([carry_vals, rows.values[ok, 1:]])
             lines = np.concatenate([carry_lines, rows.lines[ok]])
-            ready.extend(_attribute(rows.bad, ids, lines, dialect.sep, join, pulses))
+            ready.extend(_attribute(rows.bad, ids, vals, lines, dialect.sep, join, pulses))
         else:
             ids, vals, lines = carry_ids, carry_vals, carry_lines
         segments = list(_segments(ids, vals)) if len(ids) else []
@@ -341,15 +346,20 @@ def _run_start(ids: np.ndarray) -> int:
 
 
 def _attribute(
-    bad: list[BadLine], ids: np.ndarray, lines: np.ndarray, sep: str, join: _Join, pulses: str
+    bad: list[BadLine],
+    ids: np.ndarray,
+    vals: np.ndarray,
+    lines: np.ndarray,
+    sep: str,
+    join: _Join,
+    pulses: str,
 ) -> list[Item]:
-    """Charge each bad pulse line to a particle: its own ID field, else the particle of the line above."""
+    """Charge each bad pulse line to a particle: its own ID field, else a neighbouring good line's."""
     orphans: list[Item] = []
     for b in bad:
         pid = _int(b.first_field(sep)) if b.text else None
-        if pid is None and len(lines):
-            k = int(np.searchsorted(lines, b.line)) - 1
-            pid = int(ids[max(k, 0)])
+        if pid is None:
+            pid = _neighbour(b.line, ids, vals, lines)
         if pid is None or pid in join.first_line:  # nothing to charge it to: it is a unit of its own
             orphans.append(
                 QuarantineEntry("malformed_row", pulses, f"line {b.line}", f"{b.why}: {b.text[:80]!r}")
@@ -357,6 +367,21 @@ def _attribute(
         else:
             join.bad_lines.setdefault(pid, b)
     return orphans
+
+
+def _neighbour(line: int, ids: np.ndarray, vals: np.ndarray, lines: np.ndarray) -> int | None:
+    """The particle of a pulse line whose ID is unreadable: the good line above's, unless that line
+    is a separator row or the good line below belongs to another particle (then the bad line is
+    the first of the particle below); None when both neighbours are separators."""
+    below = int(np.searchsorted(lines, line))
+    above = below - 1
+
+    def particle_line(k: int) -> bool:
+        return 0 <= k < len(ids) and not (ids[k] == 0 and not vals[k].any())
+
+    if particle_line(above) and not (particle_line(below) and ids[below] != ids[above]):
+        return int(ids[above])
+    return int(ids[below]) if particle_line(below) else None
 
 
 def build_particles(

@@ -4,8 +4,12 @@ Used keys: ``instrument.channels[].description`` (the file's channel names, mapp
 ``channels.py``), ``particles[].particleId`` and ``particles[].pulseShapes[].{description, values}``
 (mV), ``images[].{particleId, base64, cropRectangle{X, Y, Width, Height}}``. An image whose
 cropRectangle is smaller than the decoded picture is cropped to it (cyz2json may export the full
-camera frame with the crop box). Particles without an entry in ``images`` are profile-only records;
-``hasImage`` is not trusted (cyz2json only writes images whose stream is non-empty).
+camera frame with the crop box); an image of the rectangle's size is that crop already (cyz2json's
+image-processing option) and is kept as it is. Particles without an entry in ``images`` are
+profile-only records; ``hasImage`` is not trusted (cyz2json only writes images whose stream is
+non-empty). A particleId may be a number or a string of digits; base64 may be wrapped in lines;
+file suffixes compare case-insensitively (``.JSON``). An instrument channel named twice is an
+error only if the channel map uses it.
 
 One particles[] entry is one particle; a repeated particleId is quarantined (the first keeps it),
 and so is an ID with several images; an image whose ID has no particle is ``unmatched_id``.
@@ -21,7 +25,7 @@ import gzip
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -35,21 +39,29 @@ SUFFIXES = (".json", ".json.gz")
 PARTICLES_PER_TASK = 256
 
 
+def is_json_name(name: str) -> bool:
+    return name.lower().endswith(SUFFIXES)
+
+
 def _stem(path: Path) -> str:
     name = path.name
     for suffix in sorted(SUFFIXES, key=len, reverse=True):
-        if name.endswith(suffix):
+        if name.lower().endswith(suffix):
             name = name[: -len(suffix)]
             break
     return safe_name(name)
 
 
+def _open(path: Path) -> IO[bytes]:
+    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
+
+
 def looks_like_cyz2json(path: Path) -> bool:
     """A .json(.gz) file whose first 4 KiB hold cyz2json's 'instrument' key (it follows 'filename')."""
-    if not path.is_file() or not path.name.endswith(SUFFIXES):
+    if not path.is_file() or not is_json_name(path.name):
         return False
     try:
-        with gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb") as f:
+        with _open(path) as f:
             head = f.read(4096)
     except (OSError, EOFError):
         return True  # unreadable: let load() report it with the file name
@@ -58,7 +70,7 @@ def looks_like_cyz2json(path: Path) -> bool:
 
 def find_sources(src: Path) -> list[tuple[str, Path]]:
     if src.is_file():
-        if not src.name.endswith(SUFFIXES):
+        if not is_json_name(src.name):
             raise DataError(f"{src}: not a cyz2json file (expected .json or .json.gz)")
         return [(_stem(src), src)]
     files = sorted(p for p in src.iterdir() if looks_like_cyz2json(p)) if src.is_dir() else []
@@ -73,7 +85,7 @@ def count(path: Path) -> None:
 
 def load(path: Path) -> dict[str, Any]:
     try:
-        with gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb") as f:
+        with _open(path) as f:
             doc = json.loads(f.read().decode("utf-8-sig"))
     except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(f"{path}: cannot read as cyz2json JSON: {e}") from None
@@ -97,15 +109,17 @@ def iter_work(path: Path, source: str, domain: str, opts: ReaderOptions) -> Iter
     images: dict[Any, list[dict[str, Any]]] = {}
     for img in doc.get("images") or []:
         key = img.get("particleId") if isinstance(img, dict) else None
-        images.setdefault(key if isinstance(key, int) else repr(key), []).append(img)
+        pid = _id(key)
+        images.setdefault(repr(key) if pid is None else pid, []).append(img)
     seen: set[int] = set()
     pending: list[Any] = []
     for j, p in enumerate(doc["particles"]):
-        pid = p.get("particleId") if isinstance(p, dict) else None
-        if not isinstance(pid, int) or isinstance(pid, bool):
+        raw = p.get("particleId") if isinstance(p, dict) else None
+        pid = _id(raw)
+        if pid is None:
             pending.append(
                 QuarantineEntry(
-                    "malformed_row", file, f"particles[{j}]", f"particleId {pid!r} is not an integer"
+                    "malformed_row", file, f"particles[{j}]", f"particleId {raw!r} is not an integer"
                 )
             )
         elif pid in seen:
@@ -136,8 +150,18 @@ def iter_work(path: Path, source: str, domain: str, opts: ReaderOptions) -> Iter
         yield functools.partial(build_particles, pending, source, domain, file, names, plan, opts)
 
 
-def _profile(shapes: Any, names: list[str]) -> np.ndarray:
-    """pulseShapes -> (n_channels, L) float64 in instrument channel order."""
+def _id(value: Any) -> int | None:
+    """A particleId: an integer, or a string of digits ("5"); None for anything else."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().isdecimal():
+        return int(value)
+    return None
+
+
+def _profile(shapes: Any, names: list[str], used: set[str]) -> np.ndarray:
+    """pulseShapes -> (n_channels, L) float64 in instrument channel order. ``used``: the normalized
+    names the channel plan reads; only those must not appear twice."""
     if not isinstance(shapes, list):
         raise Rejected("malformed_row", "no pulseShapes list")
     by_name: dict[str, Any] = {}
@@ -147,9 +171,9 @@ def _profile(shapes: Any, names: list[str]) -> np.ndarray:
                 "malformed_row", f"pulse shape {s!r:.60} is not an object with description and values"
             )
         key = normalize_name(str(s.get("description", "")))
-        if key in by_name:
+        if key in by_name and key in used:
             raise Rejected("malformed_row", f"pulse shape {s.get('description')!r} appears twice")
-        by_name[key] = s.get("values")
+        by_name.setdefault(key, s.get("values"))
     missing = [n for n in names if normalize_name(n) not in by_name]
     if missing:
         raise Rejected("malformed_row", f"no pulse shape for instrument channel(s) {missing}")
@@ -166,8 +190,11 @@ def _profile(shapes: Any, names: list[str]) -> np.ndarray:
 
 
 def _image(entry: dict[str, Any], opts: ReaderOptions) -> tuple[bytes, tuple[int, int]]:
+    text = entry.get("base64") or ""
+    if not isinstance(text, str):
+        raise Rejected("unreadable_image", f"base64 is a {type(text).__name__}, not a string")
     try:
-        data = base64.b64decode(entry.get("base64") or "", validate=True)
+        data = base64.b64decode("".join(text.split()), validate=True)  # MIME wraps lines
     except (binascii.Error, ValueError) as e:
         raise Rejected("unreadable_image", f"base64 does not decode: {e}") from None
     rect = entry.get("cropRectangle")
@@ -192,6 +219,7 @@ def build_particles(
     opts: ReaderOptions,
 ) -> Batch:
     out: list[Item] = []
+    used = {normalize_name(names[i]) for idx in plan.sources for i in idx}
     for u in items:
         if isinstance(u, QuarantineEntry):
             out.append(u)
@@ -199,7 +227,7 @@ def build_particles(
         pid, shapes, image_entry = u
         item = f"{source}:{pid}"
         try:
-            profile = plan.apply(_profile(shapes, names))
+            profile = plan.apply(_profile(shapes, names, used))
             check_profile(profile, CHANNELS)
             image = _image(image_entry, opts) if image_entry is not None else None
         except Rejected as r:

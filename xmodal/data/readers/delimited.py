@@ -1,11 +1,16 @@
 """Numeric delimited text (CytoClus exports, SYKE profile CSVs): dialect sniffing and exact parsing.
 
 Exports come with ``,`` or ``;`` (or tab) separators, ``.`` or ``,`` decimals, a UTF-8 BOM and CRLF
-line ends. Parsing has a fast path (pyarrow's CSV reader, ~3x faster per value than ``np.loadtxt``,
-and it amortises its call overhead when many small files are parsed as one buffer) and an exact
-slow path (Python, line by line) that only runs on blocks the fast path did not parse cleanly, to
-say which line is wrong and why. Both paths give identical numbers (``float()`` and pyarrow both
-round a decimal string to the nearest double).
+line ends; some tools quote the header names (R's ``write.csv``: ``"FWS","SWS"``) or end every line
+with a separator (``a,b,c,``: the empty last column is ignored). Text that is not UTF-8 is read as
+cp1252 (Windows "ANSI", what Excel writes on Western-European systems). CR-only line ends (classic
+Mac OS) are read in small whole files and named in an error in streamed ones.
+
+Parsing has a fast path (pyarrow's CSV reader, ~3x faster per value than ``np.loadtxt``, and it
+amortises its call overhead when many small files are parsed as one buffer) and an exact slow path
+(Python, line by line) that only runs on blocks the fast path did not parse cleanly, to say which
+line is wrong and why. Both paths give identical numbers (``float()`` and pyarrow both round a
+decimal string to the nearest double).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ _SEPARATORS = (";", ",", "\t")
 class Dialect:
     sep: str
     decimal: str
+    trailing: bool = False  # every line ends with a separator: one more, empty, field to ignore
 
 
 @dataclass
@@ -48,31 +54,69 @@ class Rows:
     bad: list[BadLine]
 
 
-def decode_line(raw: bytes) -> str:
+def decode_text(raw: bytes) -> tuple[str, str]:
+    """Bytes -> (text, encoding used): UTF-8 (a BOM is dropped), else cp1252 (Windows "ANSI"), else
+    latin-1 (which decodes any byte, so nothing is ever replaced by U+FFFD)."""
     raw = raw[len(BOM) :] if raw.startswith(BOM) else raw
-    try:
-        return raw.decode("utf-8").strip("\r\n")
-    except UnicodeDecodeError:
-        return raw.decode("latin-1").strip("\r\n")
+    for encoding in ("utf-8", "cp1252"):
+        try:
+            return raw.decode(encoding), encoding
+        except UnicodeDecodeError:
+            pass
+    return raw.decode("latin-1"), "latin-1"
+
+
+def decode_line(raw: bytes) -> str:
+    return decode_text(raw)[0].strip("\r\n")
+
+
+def decode_header(raw: bytes, where: str) -> str:
+    """A file's first line (bytes up to the first LF) -> text; an error if it holds a bare CR, i.e.
+    the file has CR-only (classic Mac OS) line endings and the "line" is the whole file."""
+    text = decode_line(raw)
+    if "\r" in text:
+        raise DataError(
+            f"{where}: CR-only line endings (classic Mac OS): the first line runs on into the data; "
+            "save the file with LF or CRLF line endings"
+        )
+    return text
 
 
 def sniff_dialect(header: str, sample: bytes, where: str) -> Dialect:
     """Separator = the candidate that splits the header most; decimal ',' only with a non-','
-    separator and a ',' somewhere in ``sample`` (data lines)."""
+    separator and a ',' somewhere in ``sample`` (data lines); ``trailing`` if the header's last
+    name is empty (a separator at the end of every line)."""
     counts = {s: header.count(s) for s in _SEPARATORS}
     sep = max(_SEPARATORS, key=lambda s: counts[s])
     if counts[sep] == 0:
         raise DataError(f"{where}: header {header!r} has no ';', ',' or tab separator")
     decimal = "," if sep != "," and b"," in sample else "."
-    return Dialect(sep, decimal)
+    return Dialect(sep, decimal, trailing=_unquote(header.rsplit(sep, 1)[1]) == "")
+
+
+def _unquote(name: str) -> str:
+    name = name.strip()
+    if len(name) >= 2 and name[0] == name[-1] == '"':
+        name = name[1:-1].strip()
+    return name
+
+
+def header_names(header: str, dialect: Dialect) -> list[str]:
+    """Column names of a header line: spaces and surrounding double quotes removed, the empty name
+    after a trailing separator dropped."""
+    names = [_unquote(n) for n in header.split(dialect.sep)]
+    return names[:-1] if dialect.trailing else names
 
 
 def split_header(data: bytes, where: str) -> tuple[list[str], Dialect, bytes]:
-    """Whole small file -> (column names, dialect, body bytes after the header line)."""
+    """Whole small file -> (column names, dialect, body bytes after the header line).
+    CR-only line endings are read as line ends (the file is in memory anyway)."""
+    if b"\n" not in data:
+        data = data.replace(b"\r", b"\n")
     head, _, body = data.partition(b"\n")
-    header = decode_line(head)
+    header = decode_header(head, where)
     dialect = sniff_dialect(header, body, where)
-    return [n.strip() for n in header.split(dialect.sep)], dialect, body
+    return header_names(header, dialect), dialect, body
 
 
 def _line_count(body: bytes) -> int:
@@ -82,13 +126,16 @@ def _line_count(body: bytes) -> int:
 def _parse_fast(body: bytes, ncols: int, dialect: Dialect, threads: bool = False) -> np.ndarray | None:
     """(n, ncols) float64 if pyarrow parses every line as ncols numbers, else None."""
     names = [f"c{i}" for i in range(ncols)]
+    columns = names + ["trailing"] if dialect.trailing else names  # the trailing column is not read
     try:
         table = pacsv.read_csv(
             io.BytesIO(body),
-            read_options=pacsv.ReadOptions(column_names=names, use_threads=threads, block_size=1 << 24),
+            read_options=pacsv.ReadOptions(column_names=columns, use_threads=threads, block_size=1 << 24),
             parse_options=pacsv.ParseOptions(delimiter=dialect.sep),
             convert_options=pacsv.ConvertOptions(
-                column_types={n: pa.float64() for n in names}, decimal_point=dialect.decimal
+                column_types={n: pa.float64() for n in names},
+                decimal_point=dialect.decimal,
+                include_columns=names,
             ),
         )
     except (pa.ArrowInvalid, pa.ArrowTypeError):
@@ -108,6 +155,8 @@ def _parse_slow(body: bytes, ncols: int, dialect: Dialect, first_line: int) -> R
         if not text:
             continue
         fields = text.split(dialect.sep)
+        if dialect.trailing and len(fields) == ncols + 1:  # the unnamed column is ignored, as in _parse_fast
+            fields.pop()
         if len(fields) != ncols:
             bad.append(BadLine(first_line + i, text, f"{len(fields)} fields, expected {ncols}"))
             continue

@@ -1,14 +1,20 @@
 """SYKE-plankton_CytoSense layout: ``annotations.csv`` (``image,profile,class[,particle_id]``, paths
-relative to the folder; ``;`` or tab separators and a ``label`` column for ``class`` are accepted;
-header names compare case- and space-insensitively), ``images/``, ``profiles/`` (one CSV per particle: a header naming the
-channels, then L rows x C columns in mV).
+relative to the folder, ``/`` or Windows ``\\`` separators; ``;`` or tab separators and a ``label``
+column for ``class`` are accepted; header names compare case- and space-insensitively; UTF-8, or
+cp1252 as Excel on Windows saves it, which the report notes), ``images/``, ``profiles/`` (one CSV per
+particle: a header naming the channels, then L rows x C columns in mV). The source name is the
+layout folder's name (``xmodal ingest .`` inside it too), runs of characters other than letters,
+digits, ``_ . -`` replaced by ``_``.
 
 One annotation row is one particle. Annotation-level problems (wrong field count, a repeated
 particle id: the first row keeps the id) are decided while reading annotations.csv; file-level
 problems (path escaping the folder, missing file, image and profile checks) in ``read_rows``, which
-ingest runs in worker processes on chunks of rows. Particle ids are ``<source>:<particle_id>``, or
-``<source>:<image path>`` when the column is absent. An empty ``image`` (or ``profile``) cell gives
-a profile-only (image-only) particle.
+ingest runs in worker processes on chunks of rows. A profile whose header cannot be mapped to the
+channels at all (a missing or damaged header) quarantines that particle as ``malformed_row``; a
+header that lacks some channels stops the ingest with an error naming the file and the channels,
+as in the other readers (map them with ``--channel-map`` or zero-fill them with ``--fill-missing``). Particle ids are
+``<source>:<particle_id>``, or ``<source>:<image path>`` when the column is absent. An empty
+``image`` (or ``profile``) cell gives a profile-only (image-only) particle.
 """
 
 from __future__ import annotations
@@ -24,10 +30,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from xmodal.data.channels import normalize_name
+from xmodal.data.channels import NoChannelHeader, normalize_name
 from xmodal.data.quarantine import DataError, QuarantineEntry, Rejected
-from xmodal.data.readers.base import Batch, Item, Task
-from xmodal.data.readers.delimited import Dialect, parse_many, split_header
+from xmodal.data.readers.base import Batch, Item, Task, safe_name
+from xmodal.data.readers.delimited import Dialect, decode_text, parse_many, split_header
 from xmodal.data.readers.validate import ReaderOptions, check_image, check_profile, read_bytes, safe_path
 from xmodal.data.schema import CHANNELS, make_record
 from xmodal.data.transforms import to_gray8
@@ -50,17 +56,19 @@ class Row:
 
 def find_sources(src: Path) -> list[tuple[str, Path]]:
     """One layout folder (annotations.csv inside), or a root whose sub-folders are layouts."""
+    src = Path(os.path.abspath(src))  # '.' has no name
     if (src / ANNOTATIONS).is_file():
-        return [(src.name, src)]
+        return [(safe_name(src.name), src)]
     layouts = sorted(p for p in src.iterdir() if (p / ANNOTATIONS).is_file()) if src.is_dir() else []
     if not layouts:
         raise DataError(f"{src}: no {ANNOTATIONS} in the folder or in its sub-folders (SYKE layout expected)")
-    return [(p.name, p) for p in layouts]
+    return [(safe_name(p.name), p) for p in layouts]
 
 
-def read_annotations(layout: Path, source: str) -> tuple[list[Row], list[QuarantineEntry]]:
+def read_annotations(layout: Path, source: str) -> tuple[list[Row], list[QuarantineEntry], str]:
+    """-> (rows, entries for rows that are no particle, the encoding the file was read with)."""
     path = layout / ANNOTATIONS
-    text = path.read_bytes().decode("utf-8-sig", errors="replace")
+    text, encoding = decode_text(path.read_bytes())
     # spreadsheets in decimal-comma locales save CSV with ';' (and some tools with tabs): the
     # separator is the one that splits the header line most
     sep = max(ANNOTATION_SEPARATORS, key=text.partition("\n")[0].count)
@@ -106,13 +114,19 @@ def read_annotations(layout: Path, source: str) -> tuple[list[Row], list[Quarant
         first_line[pid] = line
         label = fields[col["class"]].strip() if "class" in col else ""
         rows.append(Row(line, pid, image, profile, None if label.casefold() in UNLABELLED else label))
-    return rows, bad
+    return rows, bad, encoding
 
 
 def iter_work(layout: Path, source: str, domain: str, opts: ReaderOptions) -> Iterator[Batch | Task]:
-    rows, bad = read_annotations(layout, source)
-    if bad:
-        yield Batch(seen=len(bad), items=list(bad))
+    rows, bad, encoding = read_annotations(layout, source)
+    notes: list[str] = []
+    if encoding != "utf-8":
+        notes.append(
+            f"{layout / ANNOTATIONS} is not UTF-8; read as {encoding} (Windows 'ANSI', e.g. Excel's "
+            "'CSV (Comma delimited)'): check the class names, or save it as 'CSV UTF-8'"
+        )
+    if bad or notes:
+        yield Batch(seen=len(bad), items=list(bad), notes=notes)
     root = os.path.normpath(os.path.abspath(layout))
     for i in range(0, len(rows), ROWS_PER_TASK):
         yield functools.partial(read_rows, root, source, domain, rows[i : i + ROWS_PER_TASK], opts)
@@ -191,7 +205,14 @@ def _parse_profiles(
     channels: dict[str, dict] = {}
     for key, members in groups.items():
         first_path = profiles[members[0][0]][0]
-        plan = opts.channel_map.resolve(names[key], first_path, opts.fill_missing)
+        try:
+            plan = opts.channel_map.resolve(names[key], "line 1 (header)", opts.fill_missing)
+        except NoChannelHeader as e:  # a missing or damaged header: these particles only, not the ingest
+            for i, _ in members:
+                out[i] = _entry("malformed_row", profiles[i][0], f"{source}:{rows[i].pid}", str(e))
+            continue
+        except DataError as e:  # channels to map or zero-fill: the user decides, for every file alike
+            raise DataError(f"{first_path}: {e}") from None
         channels[first_path] = plan.describe()
         for (i, _), parsed_rows in zip(members, parse_many([b for _, b in members], len(names[key]), key[1])):
             path, pid = profiles[i][0], f"{source}:{rows[i].pid}"

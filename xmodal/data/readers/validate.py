@@ -46,7 +46,7 @@ _CONTRAST_QUANTILE = 0.999  # ignores isolated specks (dust, JPEG ringing), keep
 _OBJECT_SMOOTH_SIGMA = 1.0  # px: pixel noise out, thin (2-3 px) and soft objects kept
 _OBJECT_SIDE = 64  # px: the object measure works on the crop shrunk to this size
 _OBJECT_SHARE = 1 / 3  # object-contrast threshold as a share of the edge-contrast threshold
-_PNG_MODES = {"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"}  # others (e.g. CMYK JPEG) go to RGB
+_PNG_MODES = {"1", "L", "LA", "I;16", "P", "RGB", "RGBA"}  # others (e.g. CMYK JPEG) go to RGB
 
 
 @dataclass(frozen=True)
@@ -113,8 +113,10 @@ def check_image(
 ) -> tuple[bytes, tuple[int, int]]:
     """Validate encoded image bytes -> (bytes to store, (height, width)).
 
-    ``crop_box`` = (x, y, width, height) inside the image (cyz2json's cropRectangle). The original
-    bytes are stored unless the image was cropped (crop box or header), then the crop is stored as PNG.
+    ``crop_box`` = (x, y, width, height) inside the image (cyz2json's cropRectangle). An image of
+    exactly the box's width x height is that crop already (cyz2json's image-processing option
+    stores the crop and where it sat in the camera frame) and is kept as it is. The original bytes
+    are stored unless the image was cropped (crop box or header), then the crop is stored as PNG.
     """
     # Pillow's decoders raise many types on corrupt input (OSError, SyntaxError, struct.error,
     # IndexError, ...); any of them means "this image cannot be read", never "stop the ingest".
@@ -136,7 +138,7 @@ def check_image(
     except Exception as e:
         raise Rejected("unreadable_image", f"cannot decode {w}x{h} {im.format} image: {e!r}") from None
     cropped = False
-    if crop_box is not None and tuple(crop_box) != (0, 0, w, h):
+    if crop_box is not None and tuple(crop_box[2:]) != (w, h):  # same size: the crop already
         x, y, cw, ch = (int(v) for v in crop_box)
         if cw < 1 or ch < 1 or x < 0 or y < 0 or x + cw > w or y + ch > h:
             raise Rejected("malformed_row", f"cropRectangle {crop_box} lies outside the {w}x{h} image")
@@ -159,10 +161,24 @@ def check_image(
                 f"and object contrast {soft:.1f} < {soft_min:.3g} gray levels",
             )
     if cropped:
-        buf = io.BytesIO()
-        (im if im.mode in _PNG_MODES else im.convert("RGB")).save(buf, format="PNG")
-        data = buf.getvalue()
+        data = _encode_png(im)
     return data, (h, w)
+
+
+def _encode_png(im: Image.Image) -> bytes:
+    """A crop -> PNG bytes. Wide integer grayscale (16-bit of either byte order, 32-bit "I") is
+    stored as 16-bit, values clipped to 0-65535, which ``to_gray8`` reads as it read the original;
+    PIL's convert("RGB") would clip it at 255 (a white crop) and PNG has no 32-bit integer mode."""
+    if im.mode == "I" or im.mode.startswith("I;16"):
+        im = Image.fromarray(np.clip(np.asarray(im), 0, 65535).astype(np.uint16))
+    elif im.mode not in _PNG_MODES:
+        im = im.convert("RGB")
+    buf = io.BytesIO()
+    try:
+        im.save(buf, format="PNG")
+    except Exception as e:  # any mode or encoder failure rejects this crop, never the ingest
+        raise Rejected("unreadable_image", f"cannot re-encode the {im.mode} crop as PNG: {e!r}") from None
+    return buf.getvalue()
 
 
 def check_profile(profile: np.ndarray, names: tuple[str, ...]) -> None:
@@ -179,9 +195,12 @@ def check_profile(profile: np.ndarray, names: tuple[str, ...]) -> None:
 def safe_path(root: str, rel: str) -> str:
     """Join ``rel`` (from annotations.csv) to ``root``; reject paths that leave ``root``.
 
-    Lexical check (no symlink resolution): what is rejected is the *annotation* pointing outside
-    the dataset, which is how a crafted annotations.csv would read arbitrary files.
+    ``\\`` separates folders too (annotations.csv written on Windows), so a file name cannot hold
+    one. Lexical check (no symlink resolution): what is rejected is the *annotation* pointing
+    outside the dataset, which is how a crafted annotations.csv would read arbitrary files.
     """
+    if os.sep == "/":
+        rel = rel.replace("\\", "/")
     full = os.path.normpath(os.path.join(root, rel))
     if not full.startswith(root.rstrip(os.sep) + os.sep):
         raise Rejected("path_escape", f"path {rel!r} resolves to {full}, outside the dataset folder {root}")

@@ -1,6 +1,6 @@
 import pytest
 
-from xmodal.config import Config, ConfigError, apply_overrides, load_config, save_config
+from xmodal.config import Config, ConfigError, apply_overrides, config_from_dict, load_config, save_config
 
 
 def test_defaults_are_the_laptop_config():
@@ -52,3 +52,50 @@ def test_apply_overrides_does_not_mutate():
     base = Config().to_dict()
     out = apply_overrides(base, {"optim.lr": 5.0})
     assert base["optim"]["lr"] != 5.0 and out["optim"]["lr"] == 5.0
+
+
+def test_numbers_without_a_dot_are_floats_in_files_and_overrides(tmp_path):
+    # PyYAML reads YAML 1.1, where 1e-3 (no dot) and 1.0e3 (no exponent sign) are text
+    p = tmp_path / "c.yaml"
+    p.write_text("optim:\n  lr: 1e-3\n  weight_decay: 1.0e4\n  epochs: 3\n")
+    sets = [
+        "loss.logit_scale=1e2",
+        "optim.momentum=9E-1",
+        "loss.kwargs.teacher_temp=4e-2",
+        "loss.kwargs.n=10",
+    ]
+    cfg = load_config(p, sets)
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.loss.logit_scale) == (float("1e-3"), 1e4, 100.0)
+    assert cfg.optim.momentum == float("9E-1") and cfg.optim.epochs == 3
+    assert cfg.loss.kwargs == {"teacher_temp": float("4e-2"), "n": 10}  # free-form: typed by YAML alone
+    assert isinstance(cfg.loss.kwargs["n"], int)
+
+
+def test_numeric_text_is_a_float_and_non_finite_floats_are_refused():
+    # a value read by a plain YAML 1.1 reader (a sweep's fixed: values) arrives as text
+    assert config_from_dict(apply_overrides({}, {"optim.lr": "1e-4"})).optim.lr == float("1e-4")
+    for value in (".nan", ".inf", "-.inf"):
+        with pytest.raises(ConfigError, match="optim.lr: expected a finite float"):
+            load_config(None, [f"optim.lr={value}"])
+    with pytest.raises(ConfigError, match="optim.lr: expected float, got 'fast'"):
+        load_config(None, ["optim.lr=fast"])
+
+
+@pytest.mark.parametrize("text", ["123", "0123", "1e3", "true", "null", "2026-01-31"])
+def test_text_fields_take_the_override_as_written(text):
+    cfg = load_config(None, [f"train.name={text}", f"data.val={text}"])
+    assert cfg.train.name == text and cfg.data.val == text
+
+
+def test_a_number_for_a_text_field_in_a_file_says_how_to_quote_it(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  name: 123\n")
+    with pytest.raises(ConfigError, match="train.name: expected str, got 123 .quote it"):
+        load_config(p)
+    assert load_config(None, ["train.name='a b'"]).train.name == "a b"
+
+
+def test_small_floats_round_trip(tmp_path):
+    cfg = load_config(None, ["optim.lr=1e-10", "optim.weight_decay=2.5E-7"])
+    save_config(cfg, tmp_path / "out.yaml")
+    assert load_config(tmp_path / "out.yaml") == cfg

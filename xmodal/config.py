@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -145,6 +147,36 @@ class ConfigError(ValueError):
     pass
 
 
+class ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, plus YAML 1.2's floats without a dot or an exponent sign (``1e-3``,
+    ``1.0e3``), which PyYAML (YAML 1.1) reads as text."""
+
+
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text as config files and ``--set`` values are parsed everywhere (``1e-3`` is a float)."""
+    return yaml.load(text, Loader=ConfigLoader)
+
+
+def number(value: Any, where: str) -> float:
+    """A finite float from a YAML number or numeric text (e.g. ``"1e-4"`` from a plain YAML 1.1 reader)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: expected float, got {value!r}")
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: expected float, got {value!r}") from None
+    if not math.isfinite(out):
+        raise ConfigError(f"{where}: expected a finite float, got {value!r}")
+    return out
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
@@ -169,13 +201,14 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, bool):
             return value
         raise ConfigError(f"{where}: expected true/false, got {value!r}")
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+    if tp is float:
+        return number(value, where)
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if tp is str and isinstance(value, str):
         return value
-    raise ConfigError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+    hint = f" (quote it in YAML: '{value}')" if tp is str and isinstance(value, (int, float)) else ""
+    raise ConfigError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}{hint}")
 
 
 def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
@@ -195,12 +228,27 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _field_type(path: list[str]) -> Any:
+    """The declared type of the config field at ``path``; None where there is none (free-form kwargs)."""
+    tp: Any = Config
+    for name in path:
+        if not dataclasses.is_dataclass(tp):
+            return None
+        tp = typing.get_type_hints(tp).get(name)
+    return tp
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
-    """``optim.lr=0.01`` -> (["optim", "lr"], 0.01); the value is parsed as YAML."""
+    """``optim.lr=0.01`` -> (["optim", "lr"], 0.01); the value is parsed as YAML, except that a
+    text field takes the text as written (``train.name=0123`` is "0123", not the octal number 83)."""
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected key=value, e.g. optim.lr=0.01")
     key, raw = item.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    path = key.strip().split(".")
+    value = load_yaml(raw) if raw.strip() else ""
+    if _field_type(path) is str and not isinstance(value, str):
+        value = raw.strip()
+    return path, value
 
 
 def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | list[str]) -> dict[str, Any]:
@@ -239,7 +287,7 @@ def load_config(
     if path:
         where = str(path)
         try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
+            data = load_yaml(Path(path).read_text()) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
         if not isinstance(data, dict):

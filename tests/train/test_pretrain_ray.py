@@ -1,8 +1,9 @@
-"""End-to-end pretraining on a real local Ray cluster: the CLI as a user runs it, a driver that is
-killed and re-run (resumes, not restarts), and trained embeddings that beat the same architecture
-with random weights. A killed training worker (Ray Train restarts the worker group from the last
-checkpoint) is tested through `ray job submit` in tests/cluster/test_job_submit.py: each Ray Train
-start costs ~40 s here, so each failure is injected once in the suite."""
+"""End-to-end pretraining on a real local Ray cluster: the CLI as a user runs it (2 DDP workers,
+gradient accumulation), a driver that is killed and re-run (resumes, not restarts), and trained
+embeddings that beat the same architecture with random weights. A killed training worker (Ray Train
+restarts the worker group from the last checkpoint) is tested through `ray job submit` in
+tests/cluster/test_job_submit.py: each Ray Train start costs ~40 s here, so each failure is injected
+once in the suite."""
 
 from __future__ import annotations
 
@@ -69,7 +70,8 @@ def cli(args: list[str], **kw) -> subprocess.Popen:
 
 def pretrain_args(data: Path, storage: Path, name: str) -> list[str]:
     args = ["pretrain", "--config", "configs/laptop.yaml", "--name", name]
-    for o in overrides(data, storage):
+    # 2 workers, each step's 16 particles per worker in 2 micro-batches: DDP's no_sync path
+    for o in overrides(data, storage, **{"optim.grad_accum": 2}):
         args += ["--set", o]
     return args
 

@@ -252,3 +252,17 @@ def test_enqueued_parameters_are_replayed_exactly(tmp_path):
     study.enqueue_trial(first.params)
     again = study.ask()
     assert space.suggest(again) == values
+
+
+def test_space_files_read_numbers_without_a_dot_as_floats(tmp_path):
+    """YAML 1.1 reads 1e-4 as text: in a space file, free-form kwargs would reach the model as text."""
+    (tmp_path / "base.yaml").write_text("optim:\n  weight_decay: 1e-4\n")
+    (tmp_path / "s.yaml").write_text(
+        "base: base.yaml\n"
+        "fixed:\n  loss.name: dino\n  loss.kwargs: {teacher_temp: 4e-2}\n"
+        "params:\n  optim.lr: {loguniform: [1e-4, 1e-2]}\n"
+    )
+    space = load_space(tmp_path / "s.yaml")
+    base = space.base_dict()
+    assert base["optim"]["weight_decay"] == 1e-4 and base["loss"]["kwargs"]["teacher_temp"] == 0.04
+    assert isinstance(base["loss"]["kwargs"]["teacher_temp"], float)

@@ -13,6 +13,7 @@ import torch
 
 from xmodal.config import Config, config_from_dict
 from xmodal.train.checkpoint import load_checkpoint, save_checkpoint
+from xmodal.train.checks import check_train_config
 from xmodal.train.metrics import MetricsLogger, progress_line
 from xmodal.train.optim import build_optimizer, build_scheduler
 
@@ -64,6 +65,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from xmodal.train.validate import update_center, validate
 
     cfg: Config = config_from_dict(loop_config["cfg"])
+    check_train_config(cfg)  # build_trainer checked it; a loop started some other way is checked here
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.train.seed + rank)
@@ -86,8 +88,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         ray.train.torch.prepare_model(forward_module, move_to_device=False) if world > 1 else forward_module
     )
 
-    per_worker_bs = max(1, cfg.optim.batch_size // world)
-    micro_bs = max(1, per_worker_bs // cfg.optim.grad_accum)
+    # Exact divisions (check_train_config). Every epoch takes exactly steps_per_epoch optimizer steps
+    # of grad_accum micro-batches each, the steps the schedule has: Ray Train splits the data into
+    # equal shards, and the micro-batches left over after the last step are not trained on, as
+    # drop_last leaves the last partial micro-batch.
+    per_worker_bs = cfg.optim.batch_size // world
+    micro_bs = per_worker_bs // cfg.optim.grad_accum
     steps_per_epoch = max(1, loop_config["n_train"] // world // per_worker_bs)
     optimizer = build_optimizer(module.param_groups(cfg.optim.weight_decay), cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch)
@@ -117,47 +123,55 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     elif rank == 0 and start_epoch > 0:
         say(f"[xmodal] resuming from epoch {start_epoch} (step {global_step})")
 
+    ga = cfg.optim.grad_accum
     for epoch in range(start_epoch, cfg.optim.epochs):
         model.train()
+        optimizer.zero_grad(set_to_none=True)
         t_epoch = time.time()
-        wait = samples = loss_sum = 0.0
-        n_micro = 0
+        wait = samples = loss_sum = step_loss = 0.0
+        n_micro = epoch_steps = 0
+        lr = scheduler.get_last_lr()[0]  # the lr of the epoch's last step, once it has one
         stats_sum: dict[str, float] = {}
         t_fetch = time.time()
         it = shard.iter_torch_batches(batch_size=micro_bs, drop_last=True, prefetch_batches=2, device=device)
         for batch in it:
             wait += time.time() - t_fetch
+            if epoch_steps == steps_per_epoch:  # fewer than grad_accum micro-batches left: not a step
+                t_fetch = time.time()
+                continue
             batch = {k: batch[k] for k in TENSOR_KEYS}
             if device.type == "cuda" and cfg.train.channels_last:
                 batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
-            last_micro = (n_micro + 1) % cfg.optim.grad_accum == 0
-            sync = nullcontext() if last_micro or world == 1 else model.no_sync()
-            with sync, _autocast(device, cfg.train.precision):
-                loss, stats = model(batch)
-            check_finite(loss, batch, module, global_step)
-            with sync:
-                (loss / cfg.optim.grad_accum).backward()
+            last_micro = (n_micro + 1) % ga == 0
+            # DDP all-reduces gradients in the backward of the step's last micro-batch only
+            sync = model.no_sync if world > 1 and not last_micro else nullcontext
+            with sync():
+                with _autocast(device, cfg.train.precision):
+                    loss, stats = model(batch)
+                check_finite(loss, batch, module, global_step + 1)  # numbered as metrics.jsonl numbers it
+                (loss / ga).backward()
             n_micro += 1
             samples += batch["image"].shape[0]
-            loss_sum += loss.item()
+            loss_value = loss.item()
+            loss_sum += loss_value
+            step_loss += loss_value / ga
             for k, v in stats.items():
                 stats_sum[k] = stats_sum.get(k, 0.0) + float(v)
             if last_micro:
+                lr = scheduler.get_last_lr()[0]  # the lr this step uses
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
                 global_step += 1
+                epoch_steps += 1
                 module.after_step(global_step / max(1, total_steps))
                 if rank == 0 and global_step % cfg.train.log_every == 0:
                     logger.log(
                         "step",
                         global_step,
-                        {
-                            "loss": loss.item(),
-                            "lr": scheduler.get_last_lr()[0],
-                            **{k: float(v) for k, v in stats.items()},
-                        },
+                        {"loss": step_loss, "lr": lr, **{k: float(v) for k, v in stats.items()}},
                     )
+                step_loss = 0.0
             t_fetch = time.time()
         elapsed = time.time() - t_epoch
         tot_samples, tot_time, tot_wait, tot_loss, tot_micro = _allreduce_sum(
@@ -167,7 +181,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "epoch": epoch + 1,
             "global_step": global_step,
             "train_loss": tot_loss / max(1.0, tot_micro),
-            "lr": scheduler.get_last_lr()[0],
+            "lr": lr,
             "samples_per_s": tot_samples / max(1e-9, tot_time / world),
             "samples_per_s_worker": samples / max(1e-9, elapsed),
             "data_wait_frac": tot_wait / max(1e-9, tot_time),

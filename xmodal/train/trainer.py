@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 from xmodal.config import Config
 from xmodal.data.schema import parquet_files
 from xmodal.storage import durable, join, write_text
+from xmodal.train.checks import check_train_config
 from xmodal.train.metrics import format_duration
 
 
@@ -64,16 +65,9 @@ def build_trainer(
     from ray.train.torch import TorchTrainer
 
     from xmodal.data.pipeline import load_labelled, load_sample, train_dataset
-    from xmodal.data.transforms import check_image_norm
     from xmodal.train.loop import train_loop_per_worker
 
-    # here, not first in a Ray Data task deep inside the run (the validation set may be absent)
-    check_image_norm(cfg.data.image_norm)
-    if cfg.eval.val_n < 1 or cfg.eval.val_repeats < 1:
-        raise ValueError(
-            f"eval.val_n and eval.val_repeats must be >= 1, got {cfg.eval.val_n} and {cfg.eval.val_repeats}"
-        )
-
+    check_train_config(cfg)  # before any data is read (Tune trials start here, not in pretrain)
     storage = durable(storage_path or cfg.train.storage_path, "train.storage_path")
     n_train = count_paired(cfg.data.train)
     workers = cfg.train.num_workers
@@ -81,10 +75,6 @@ def build_trainer(
         raise ValueError(
             f"{cfg.data.train}: {n_train} paired particles, fewer than one global batch "
             f"(optim.batch_size={cfg.optim.batch_size}); lower the batch size or add data"
-        )
-    if cfg.model.center_particles < 0:
-        raise ValueError(
-            f"model.center_particles must be >= 0 (0 = no centring), got {cfg.model.center_particles}"
         )
     d, n_center = cfg.data, cfg.model.center_particles
     # shipped through the object store so workers never need the driver's disk
@@ -95,7 +85,7 @@ def build_trainer(
         )
     if n_center:
         center = ray.put(load_sample(d.train, d.image_size, d.profile_length, n_center, d.seed, d.image_norm))
-    per_worker_bs = max(1, cfg.optim.batch_size // workers // cfg.optim.grad_accum)
+    micro_bs = cfg.optim.batch_size // workers // cfg.optim.grad_accum  # exact: checked above
     resources = {"CPU": cfg.train.cpus_per_worker}
     if cfg.train.use_gpu:
         resources["GPU"] = 1
@@ -120,7 +110,7 @@ def build_trainer(
             ),
             callbacks=callbacks or None,
         ),
-        datasets={"train": train_dataset(cfg.data, augment=True, batch_size=per_worker_bs)},
+        datasets={"train": train_dataset(cfg.data, augment=True, batch_size=micro_bs)},
     ), storage
 
 
@@ -128,6 +118,7 @@ def pretrain(cfg: Config, address: str | None = None, name: str | None = None) -
     """Run (or resume) pretraining; returns where the best checkpoint is and its scores."""
     from xmodal.runtime import init_ray
 
+    check_train_config(cfg)  # before Ray starts
     init_ray(address)
     name = run_name(cfg, name)
     t0 = time.time()

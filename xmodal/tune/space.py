@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from xmodal.config import Config, ConfigError, apply_overrides, config_from_dict
+from xmodal.config import Config, ConfigError, apply_overrides, config_from_dict, load_yaml, number
 
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "int")
 PARAM_KEYS = {*DISTRIBUTIONS, "step", "when"}
@@ -124,7 +123,7 @@ class Space:
         if base_path is not None:
             if not base_path.is_file():
                 raise ConfigError(f"{self.path}: base config {base_path} not found")
-            data = yaml.safe_load(base_path.read_text()) or {}
+            data = load_yaml(base_path.read_text()) or {}
         data = apply_overrides(data, self.fixed)
         if overrides:
             data = apply_overrides(data, overrides)
@@ -248,19 +247,6 @@ def _check_profile_kwarg(encoder: str, arg: str, where: str) -> None:
     )
 
 
-def _number(value: Any, where: str) -> float:
-    # YAML 1.1 reads 1e-4 (no dot) as text: accept such numbers rather than fail on a spelling.
-    if isinstance(value, bool):
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where}: expected a number, got {value!r}") from None
-    if not math.isfinite(out):
-        raise ConfigError(f"{where}: expected a finite number, got {value!r}")
-    return out
-
-
 def parse_param(key: str, spec: Any, earlier: dict[str, Param], where: str) -> Param:
     where = f"{where}: params.{key}"
     check_key(key, where)
@@ -289,7 +275,7 @@ def parse_param(key: str, spec: Any, earlier: dict[str, Param], where: str) -> P
         return Param(key, kind, choices=tuple(arg), when=when)
     if not isinstance(arg, list) or len(arg) != 2:
         raise ConfigError(f"{where}: {kind} needs [low, high], got {arg!r}")
-    low, high = (_number(v, f"{where}.{kind}") for v in arg)
+    low, high = (number(v, f"{where}.{kind}") for v in arg)
     if low > high:
         raise ConfigError(f"{where}: {kind} low {low:g} > high {high:g}")
     if kind == "loguniform" and low <= 0:
@@ -300,7 +286,7 @@ def parse_param(key: str, spec: Any, earlier: dict[str, Param], where: str) -> P
     if "step" in spec:
         if kind == "loguniform":
             raise ConfigError(f"{where}: step applies to uniform and int, not loguniform")
-        step = _number(spec["step"], f"{where}.step")
+        step = number(spec["step"], f"{where}.step")
         if step <= 0 or (kind == "int" and step != int(step)):
             raise ConfigError(
                 f"{where}: step must be a positive {'whole ' if kind == 'int' else ''}number, "
@@ -375,7 +361,7 @@ def load_space(path: str | Path) -> Space:
     except FileNotFoundError:
         raise ConfigError(f"search space file not found: {p} (see tune_spaces/ for examples)") from None
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML: {e}") from None
     return parse_space(data, p, text)

@@ -38,16 +38,23 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def _header_rows(text: str) -> int | None:
-    if text == "auto":
-        return None
+def _whole_number(text: str, low: int, expected: str) -> int:
+    """An argparse value: an integer >= ``low``; ``expected`` says what the option takes."""
     try:
-        rows = int(text)
+        value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected auto or a number of rows, got {text!r}") from None
-    if rows < 0:
-        raise argparse.ArgumentTypeError(f"expected auto or rows >= 0, got {rows}")
-    return rows
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected {expected} >= {low}, got {value}")
+    return value
+
+
+def _header_rows(text: str) -> int | None:
+    return None if text == "auto" else _whole_number(text, 0, "auto or a number of rows")
+
+
+def _positive_int(text: str) -> int:
+    return _whole_number(text, 1, "a number")
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
@@ -152,12 +159,13 @@ def cmd_index(args: argparse.Namespace) -> int:
         build_index(args.embeddings, args.out, options)
         return 0
     from xmodal.config import ConfigError
-    from xmodal.index.search import search_embeddings, search_ids, write_results
+    from xmodal.index.search import check_out, search_embeddings, search_ids, write_results
 
     if bool(args.ids) == bool(args.embeddings):
         raise ConfigError(
             "xmodal index search: give either --ids (stored particles) or --embeddings (new ones)"
         )
+    check_out(args.out)
     frames = (
         [search_ids(args.index, args.ids, args.k, use_gpu)]
         if args.ids
@@ -287,9 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--folds", type=int, help="stratified k-fold split mode (the paper uses 5 on LAB)")
     sp.add_argument("--out", required=True)
     sp.add_argument("--combos", nargs="+", default=None, help="e.g. I-I P-P I+P-I+P (default: all 9)")
-    sp.add_argument("--n", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-    sp.add_argument("--k", type=int, nargs="+", default=[3])
-    sp.add_argument("--repeats", type=int, default=5)
+    sp.add_argument("--n", type=_positive_int, nargs="+", default=[1, 2, 4, 8, 16])
+    sp.add_argument("--k", type=_positive_int, nargs="+", default=[3])
+    sp.add_argument("--repeats", type=_positive_int, default=5)
     sp.add_argument("--seed", type=int, default=0)
 
     sp = add("tune", cmd_tune, "search encoders, losses and temperatures (Ray Tune + Optuna, ASHA)")

@@ -129,3 +129,21 @@ def test_markdown_lists_each_k(ev) -> None:
     result = run_protocol(es, None, ["I-I"], [2], [1, 3], 2, progress=False)
     md = markdown(result)
     assert "## Accuracy (%), k = 1" in md and "## Accuracy (%), k = 3" in md
+
+
+def test_benchmark_user_errors_print_one_line(ev, tmp_path: Path, capsys) -> None:
+    write_embeddings(ev.make_set(40, 3, seed=6, unlabelled=40), tmp_path / "unlabelled")
+    write_embeddings(ev.make_set(40, 3, seed=7), tmp_path / "lab")
+    base = ["benchmark", "--out", str(tmp_path / "out"), "--n", "1", "--repeats", "1", "--embeddings"]
+    cases = [
+        ([*base, str(tmp_path / "unlabelled")], "none of the 40 gallery particles is labelled"),
+        ([*base, str(tmp_path / "lab"), "--gallery-domain", "SEA"], "no particles of gallery domain 'SEA'"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as stop:  # argparse: usage and one error line
+        main([*base, str(tmp_path / "lab"), "--k", "0"])
+    assert stop.value.code == 2 and "expected a number >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -52,6 +52,15 @@ def clustered_set(
     )
 
 
+def image_only(es: EmbeddingSet) -> EmbeddingSet:
+    """The same particles as an image-only model (the DINO baseline) writes them: no profile column
+    at all (width 0 in memory)."""
+    n = len(es)
+    return EmbeddingSet(
+        es.particle_id, es.label, es.domain, es.image_emb, es.image_valid, np.zeros((n, 0)), np.zeros(n, bool)
+    )
+
+
 def write_shards(es: EmbeddingSet, out: Path, shards: int) -> Path:
     for part in np.array_split(np.arange(len(es)), shards):
         write_embeddings(es.subset(part), out)
@@ -90,6 +99,7 @@ def ix() -> SimpleNamespace:
         unit=unit,
         centres=centres,
         clustered_set=clustered_set,
+        image_only=image_only,
         write_shards=write_shards,
         brute_neighbours=brute_neighbours,
     )

@@ -4,12 +4,15 @@ unseen species and detritus; outputs (Parquet, CSV, EcoTaxa TSV, counts) open in
 from __future__ import annotations
 
 import json
+from fractions import Fraction
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from xmodal.eval.embeddings import EmbeddingSet, write_embeddings
+from xmodal.config import ConfigError
+from xmodal.data.quarantine import DataError
+from xmodal.eval.embeddings import EmbeddingSet, load_embeddings, write_embeddings
 from xmodal.index.build import build_index
 from xmodal.index.classify import calibrate, classify, gallery_from_embeddings, leave_one_out, vote_queries
 from xmodal.index.outputs import ECOTAXA_COLUMNS
@@ -161,8 +164,77 @@ def test_index_gallery_classifies_like_the_embeddings_gallery(ix, tmp_path) -> N
 def test_gallery_needs_labels(ix, tmp_path) -> None:
     es = ix.clustered_set(ix.centres(2, 8, seed=1), [None, None], per_class=3, noise=0.5, seed=1, prefix="N")
     write_embeddings(es, tmp_path / "g")
-    with pytest.raises(ValueError, match="no labelled particles"):
+    with pytest.raises(DataError, match="no labelled particles"):
         gallery_from_embeddings(tmp_path / "g")
     build_index(tmp_path / "g", tmp_path / "gidx")
-    with pytest.raises(ValueError, match="unlabelled"):
+    with pytest.raises(DataError, match="unlabelled"):
         classify(tmp_path / "gidx", tmp_path / "g", tmp_path / "out")
+
+
+def _check_plain(pred: pd.DataFrame, g, queries: EmbeddingSet, k: int) -> None:
+    """Each predicted row (best class, score) equals the plain loop's over its valid query vectors."""
+    rows = np.stack([g.index.reconstruct(i) for i in range(g.index.ntotal)])
+    for i in range(len(queries)):
+        qv = [queries.emb(m)[i] if queries.valid(m)[i] else None for m in ("image", "profile")]
+        best, _, score = _plain_vote(rows, g.codes, g.particle, qv, k)
+        got = pred[pred["particle_id"] == queries.particle_id[i]].iloc[0]
+        assert got["best_class"] == g.classes[best] and got["score"] == pytest.approx(score, abs=1e-5)
+
+
+def test_a_shard_or_gallery_without_a_modality_votes_with_the_other(ix, tmp_path) -> None:
+    """A query shard with no profile column (width 0 in memory), and an image-only (DINO) gallery
+    under the default fused kind, calibration included: rows vote with what they have."""
+    centre, _ = _gallery(ix, tmp_path)
+    both = ix.clustered_set(centre[:10], KNOWN, per_class=2, noise=1.2, seed=12, prefix="B")
+    image_only = ix.image_only(
+        ix.clustered_set(centre[:10], KNOWN, per_class=2, noise=1.2, seed=13, prefix="I")
+    )
+    write_embeddings(both, tmp_path / "q")
+    write_embeddings(image_only, tmp_path / "q")  # a second shard without profiles
+    assert load_embeddings(tmp_path / "q" / "part-00001.parquet").profile_emb.shape[1] == 0
+    classify(tmp_path / "gallery", tmp_path / "q", tmp_path / "out", k=3, threshold=0.0)
+    pred = pd.read_parquet(tmp_path / "out" / "predictions.parquet")
+    g = gallery_from_embeddings(tmp_path / "gallery", "fused")
+    _check_plain(pred, g, EmbeddingSet.concat([both, image_only]), 3)
+
+    write_embeddings(ix.image_only(load_embeddings(tmp_path / "gallery")), tmp_path / "dino_gallery")
+    summary = classify(tmp_path / "dino_gallery", tmp_path / "q", tmp_path / "dino_out", k=3)
+    assert summary["calibration"]["gallery_particles"] == 75  # every particle with an image (5 have none)
+    pred = pd.read_parquet(tmp_path / "dino_out" / "predictions.parquet")
+    dino = gallery_from_embeddings(tmp_path / "dino_gallery", "fused")
+    _check_plain(pred, dino, EmbeddingSet.concat([both, image_only]), 3)
+
+
+def test_calibrated_threshold_is_the_largest_accepting_the_share(ix, tmp_path) -> None:
+    """Against a brute-force search over the leave-one-out scores, in exact fractions: 0.9 of 80
+    particles is 72 (floating point makes (1 - 0.9) x 80 = 7.99...)."""
+    _gallery(ix, tmp_path)
+    g = gallery_from_embeddings(tmp_path / "gallery", "fused")
+    scores = leave_one_out(g, 3, "fused")[0].score
+    n = len(scores)
+    for accept in (0.9, 0.7, 0.95, 0.99, 0.5, 0.1, 1.0, 1e-6):
+        share = Fraction(str(accept))
+        best = max(t for t in scores if Fraction(int((scores >= t).sum()), n) >= share)
+        cal = calibrate(g, 3, accept, "fused")
+        assert cal["threshold"] == best, accept
+        assert Fraction(int((scores >= cal["threshold"]).sum()), n) >= share
+
+
+def test_gallery_class_named_unknown_is_refused(ix, tmp_path) -> None:
+    es = ix.clustered_set(
+        ix.centres(2, 8, seed=1), ["unknown", "diatom"], per_class=4, noise=0.5, seed=1, prefix="U"
+    )
+    write_embeddings(es, tmp_path / "g")
+    with pytest.raises(DataError, match="class named 'unknown'.*rename"):
+        classify(tmp_path / "g", tmp_path / "g", tmp_path / "out")
+    build_index(tmp_path / "g", tmp_path / "gidx")
+    with pytest.raises(DataError, match="class named 'unknown'"):
+        classify(tmp_path / "gidx", tmp_path / "g", tmp_path / "out")
+
+
+def test_bad_arguments_are_config_errors(ix, tmp_path) -> None:
+    _gallery(ix, tmp_path)
+    with pytest.raises(ConfigError, match="--accept 1.5"):
+        classify(tmp_path / "gallery", tmp_path / "gallery", tmp_path / "out", accept=1.5)
+    with pytest.raises(ConfigError, match="--k 0"):
+        classify(tmp_path / "gallery", tmp_path / "gallery", tmp_path / "out", k=0)

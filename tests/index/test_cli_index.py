@@ -47,3 +47,34 @@ def test_index_and_classify_commands(ix, tmp_path, capsys) -> None:
     summary = json.loads((tmp_path / "cls" / "summary.json").read_text())
     assert summary["particles"] == 40 and summary["calibration"]["accept_target"] == 0.9
     assert "per_ml" in pd.read_csv(tmp_path / "cls" / "counts.csv").columns
+
+
+def test_user_errors_print_one_line(ix, tmp_path, capsys) -> None:
+    """Bad arguments and unusable data end with exit status 2 and one line naming the problem, not a
+    traceback (and nothing half-written where the check can come first)."""
+    centre = ix.centres(3, 8, seed=1)
+    gallery = ix.clustered_set(centre, ["a", "b", "c"], per_class=4, noise=0.5, seed=2, prefix="G")
+    write_embeddings(gallery, tmp_path / "gallery")
+    unlabelled = ix.clustered_set(centre, [None] * 3, per_class=2, noise=0.5, seed=3, prefix="Q")
+    write_embeddings(unlabelled, tmp_path / "new")
+    idx = tmp_path / "idx"
+    assert main(["index", "build", "--embeddings", str(tmp_path / "gallery"), "--out", str(idx)]) == 0
+    classify = ["classify", "--gallery", str(tmp_path / "gallery"), "--queries", str(tmp_path / "new")]
+    search = ["index", "search", "--index", str(idx)]
+    cases = [
+        ([*classify, "--out", str(tmp_path / "o1"), "--accept", "1.5"], "--accept 1.5: must be a fraction"),
+        ([*classify, "--out", str(tmp_path / "o2"), "--k", "0"], "--k 0"),
+        (["classify", "--gallery", str(tmp_path / "new"), "--queries", str(tmp_path / "new"),
+          "--out", str(tmp_path / "o3")], "no labelled particles"),
+        ([*search, "--ids", "G0", "--out", str(tmp_path / "x.txt")], "name a .csv or .parquet"),
+        ([*search, "--ids", "nope"], "not in the index"),
+        ([*search, "--ids", "G0", "--k", "0"], "--k 0"),
+        ([*search, "--embeddings", str(tmp_path / "new"), "--k", "0"], "--k 0"),
+    ]  # fmt: skip
+    capsys.readouterr()
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        captured = capsys.readouterr()
+        assert captured.err.count("\n") == 1 and message in captured.err and "Traceback" not in captured.err
+        assert captured.out == ""
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "x.txt").exists()

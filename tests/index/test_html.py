@@ -3,6 +3,8 @@ as data URIs; every image decodes in headless Chromium, offline (skipped without
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import re
 import shutil
@@ -11,9 +13,12 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
+import xmodal.index.classify as classify_module
 from xmodal.data.synth import synthesize
 from xmodal.eval.embeddings import EmbeddingSet, write_embeddings
 from xmodal.index.classify import classify
@@ -86,10 +91,70 @@ def test_contact_sheet_embeds_every_image(sheet: Path) -> None:
     assert len(re.findall(r"<tr>", text)) == 10
 
 
-def test_image_uri_rejects_unknown_formats() -> None:
-    assert image_uri(b"\xff\xd8\xff\xe0rest").startswith("data:image/jpeg;base64,")
-    with pytest.raises(ValueError, match="unknown image format"):
-        image_uri(b"RIFFxxxx")
+def _encoded(pixels: np.ndarray, fmt: str) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format=fmt)
+    return out.getvalue()
+
+
+def _decoded(uri: str) -> np.ndarray:
+    assert uri.startswith("data:image/png;base64,")
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))))
+
+
+def test_formats_a_browser_cannot_show_become_png() -> None:
+    """TIFF (8- and 16-bit, as CytoClus crops may be) and BMP are re-encoded as 8-bit PNG with the
+    same pixels (16-bit scaled from the full range, as training sees them); browser formats pass
+    through unchanged; bytes no decoder reads give None (the sheet shows "unreadable image")."""
+    gray = np.arange(12 * 10, dtype=np.uint8).reshape(12, 10) * 2
+    for fmt in ("TIFF", "BMP"):
+        np.testing.assert_array_equal(_decoded(image_uri(_encoded(gray, fmt))), gray)
+    wide = (np.arange(6 * 5, dtype=np.uint16).reshape(6, 5) * 2000).astype(np.uint16)
+    np.testing.assert_array_equal(
+        _decoded(image_uri(_encoded(wide, "TIFF"))), np.rint(wide / 257.0).astype(np.uint8)
+    )
+    jpeg = b"\xff\xd8\xff\xe0rest"
+    assert image_uri(jpeg) == "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
+    assert image_uri(b"RIFFxxxx") is None
+
+
+def test_tiff_crops_make_a_sheet_and_the_summary_comes_first(tmp_path, monkeypatch) -> None:
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(2, 8))
+    y = np.arange(20) % 2
+    ids = [f"g{i}" for i in range(20)]
+    write_embeddings(
+        EmbeddingSet(ids, [f"c{c}" for c in y], ["LAB"] * 20, centres[y] + 0.1 * rng.normal(size=(20, 8)),
+                     np.ones(20, bool), centres[y] + 0.1 * rng.normal(size=(20, 8)), np.ones(20, bool)),
+        tmp_path / "g",
+    )  # fmt: skip
+    qids = ["q0", "q1", "q2"]
+    write_embeddings(
+        EmbeddingSet(qids, [None] * 3, ["SEA"] * 3, centres[[0, 1, 0]], np.ones(3, bool),
+                     centres[[0, 1, 0]], np.ones(3, bool)),
+        tmp_path / "q",
+    )  # fmt: skip
+    crop = _encoded(np.full((16, 16), 90, np.uint8), "TIFF")
+    for name, pids, images in (("gp", ids, [crop] * 20), ("qp", qids, [crop, crop, b"not an image"])):
+        (tmp_path / name).mkdir()
+        table = pa.table({"particle_id": pids, "image": pa.array(images, pa.binary())})
+        pq.write_table(table, tmp_path / name / "part-00000.parquet")
+    kwargs = {"k": 3, "html": True, "particles": tmp_path / "qp", "gallery_particles": tmp_path / "gp"}
+    out = classify(tmp_path / "g", tmp_path / "q", tmp_path / "out", **kwargs)
+    parser = _Images()
+    parser.feed(Path(out["html"]).read_text())
+    assert len(parser.sources) == 3 * 4 - 1  # q2's crop is unreadable: its cell says so
+    assert all((_decoded(s) == 90).all() for s in parser.sources)
+    assert "unreadable image" in Path(out["html"]).read_text()
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["html"] == out["html"]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("sheet failed")
+
+    monkeypatch.setattr(classify_module, "contact_sheet", broken)
+    with pytest.raises(RuntimeError, match="sheet failed"):
+        classify(tmp_path / "g", tmp_path / "q", tmp_path / "out2", **kwargs)
+    assert json.loads((tmp_path / "out2" / "summary.json").read_text())["particles"] == 3
 
 
 @pytest.mark.skipif(

@@ -8,11 +8,14 @@ import json
 import faiss
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
-from xmodal.eval.embeddings import load_embeddings, write_embeddings
+from xmodal.config import ConfigError
+from xmodal.data.quarantine import DataError
+from xmodal.eval.embeddings import EmbeddingSet, load_embeddings, write_embeddings
 from xmodal.index.build import BuildOptions, build_index, recall_at_k
-from xmodal.index.search import search_embeddings, search_ids, search_index
+from xmodal.index.search import RESULT_SCHEMA, search_embeddings, search_ids, search_index, write_results
 from xmodal.index.store import load_index, save_index
 
 
@@ -79,8 +82,10 @@ def test_exact_fused_index_round_trips_and_equals_brute_force(ix, tmp_path) -> N
     _check_against_brute(ix, stored, frame, new.particle_id, [new.image_emb], [new.image_valid], 5)
     assert set(frame["label"]) <= set(_labels(12))
 
-    with pytest.raises(KeyError, match="not in the index"):
+    with pytest.raises(ConfigError, match="not in the index"):
         search_ids(tmp_path / "idx", ["G0", "nope"], k=3)
+    with pytest.raises(ConfigError, match="--k 0"):
+        search_ids(tmp_path / "idx", ["G0"], k=0)
 
 
 @pytest.mark.parametrize("approx", ["ivf-flat", "hnsw"])
@@ -97,10 +102,10 @@ def test_approximate_index_recall_at_recorded_settings(ix, tmp_path, approx: str
     assert meta["recall_at_10"] >= meta["target_recall"] and meta["recall_holdout"] == 300
     param = "nprobe" if approx == "ivf-flat" else "efSearch"
     assert param in meta["search_param"] and meta["recall_curve"][-1][param] == meta["search_param"][param]
-    if approx == "ivf-flat":
+    if approx == "ivf-flat":  # lists: 4 sqrt(rows), at most one per 39 rows left after the held-out
         assert (
-            meta["params"]["nlist"] == min(round(4 * np.sqrt(4800)), 4800 // 39)
-            and meta["params"]["train_size"] > 0
+            meta["params"]["nlist"] == min(round(4 * np.sqrt(4800)), (4800 - 300) // 39)
+            and meta["params"]["train_size"] >= 39 * meta["params"]["nlist"]
         )
 
     # fresh queries, exact top-10 by numpy, the loaded index at its recorded setting
@@ -139,8 +144,110 @@ def test_build_refuses_duplicate_particles_and_unknown_kinds(ix, tmp_path) -> No
     es = ix.clustered_set(ix.centres(3, 8, seed=9), _labels(3), per_class=4, noise=0.5, seed=10, prefix="D")
     write_embeddings(es, tmp_path / "emb")
     write_embeddings(es.subset(np.arange(2)), tmp_path / "emb")
-    with pytest.raises(ValueError, match="more than one shard"):
+    with pytest.raises(DataError, match="more than one shard"):
         build_index(tmp_path / "emb", tmp_path / "idx")
     assert load_embeddings(tmp_path / "emb" / "part-00000.parquet") is not None
-    with pytest.raises(ValueError, match="unknown embedding kind"):
+    with pytest.raises(ConfigError, match="unknown embedding kind"):
         build_index(tmp_path / "emb" / "part-00000.parquet", tmp_path / "idx", BuildOptions(kind="both"))
+
+
+def test_ivf_on_small_data_keeps_rows_to_train_on(ix, tmp_path) -> None:
+    """510 particles (1,020 fused rows) used to hold out 1,000 rows and train 26 lists on 20. Now
+    the held-out queries leave 39 rows per list (256 for PQ); searched exhaustively (nprobe = nlist)
+    the index equals brute force; what cannot be trained says which option to change."""
+    centre = ix.centres(5, 16, seed=20)
+    es = ix.clustered_set(centre, _labels(5), per_class=102, noise=1.0, seed=21, prefix="S")
+    write_embeddings(es, tmp_path / "emb")
+    for approx in ("ivf-flat", "ivf-pq"):
+        meta = build_index(tmp_path / "emb", tmp_path / approx, BuildOptions(exact_max=0, approx=approx))
+        nlist, train = meta["params"]["nlist"], meta["params"]["train_size"]
+        assert (
+            train >= max(39 * nlist, 256 if approx == "ivf-pq" else 0)
+            and train + meta["recall_holdout"] <= 1020
+        )
+        assert meta["recall_holdout"] >= 200 and meta["recall_curve"]
+    stored = load_index(tmp_path / "ivf-flat")
+    faiss.extract_index_ivf(stored.index).nprobe = stored.meta["params"]["nlist"]
+    fresh = ix.clustered_set(centre, _labels(5), per_class=4, noise=1.0, seed=22, prefix="F").image_emb
+    rows = np.stack([stored.index.reconstruct(i) for i in range(stored.index.ntotal)]).astype(np.float64)
+    exact = np.sort(-(fresh.astype(np.float64) @ rows.T), axis=1)[:, :10]
+    sims, _ = stored.index.search(fresh, 10)
+    np.testing.assert_allclose(sims, -exact, atol=1e-5)
+
+    tiny = tmp_path / "tiny"
+    write_embeddings(es.subset(np.arange(30)), tiny)  # 60 rows: one list, trained on 39 of them
+    meta = build_index(tiny, tmp_path / "tiny_idx", BuildOptions(exact_max=0))
+    assert meta["params"]["train_size"] == 39 and meta["recall_holdout"] == 21
+    with pytest.raises(ConfigError, match="256 for the PQ codebooks.*--exact-max to 60"):
+        build_index(tiny, tmp_path / "x", BuildOptions(exact_max=0, approx="ivf-pq"))
+    with pytest.raises(ConfigError, match="lower --nlist to at most 26"):
+        build_index(tmp_path / "emb", tmp_path / "x", BuildOptions(exact_max=0, nlist=2000))
+
+
+def test_parquet_results_have_one_schema(ix, tmp_path) -> None:
+    """The first shard's neighbours are all unlabelled (an all-null label column): the file is
+    still typed by RESULT_SCHEMA and holds every shard's lines, equal to brute force."""
+    centre = ix.centres(2, 16, seed=30) * 5
+    lab = ix.clustered_set(centre[:1], ["diatom"], per_class=20, noise=0.5, seed=31, prefix="L")
+    uto = ix.clustered_set(centre[1:], [None], per_class=20, noise=0.5, seed=32, prefix="U", domain="UTO")
+    write_embeddings(EmbeddingSet.concat([lab, uto]), tmp_path / "emb")
+    build_index(tmp_path / "emb", tmp_path / "idx")
+    near_uto = ix.clustered_set(centre[1:], [None], per_class=3, noise=0.5, seed=33, prefix="q")
+    near_lab = ix.clustered_set(centre[:1], [None], per_class=3, noise=0.5, seed=34, prefix="r")
+    write_embeddings(near_uto, tmp_path / "q")
+    write_embeddings(near_lab, tmp_path / "q")
+    lines = write_results(search_embeddings(tmp_path / "idx", tmp_path / "q", k=4), tmp_path / "hits.parquet")
+    table = pq.read_table(tmp_path / "hits.parquet")
+    assert lines == 24 and table.schema == RESULT_SCHEMA
+    hits = table.to_pandas()
+    assert hits["label"].iloc[:12].isna().all() and (hits["label"].iloc[12:] == "diatom").all()
+    q = EmbeddingSet.concat([near_uto, near_lab])
+    _check_against_brute(
+        ix, load_index(tmp_path / "idx"), hits, q.particle_id, [q.image_emb, q.profile_emb],
+        [q.image_valid, q.profile_valid], 4,
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="--out .*txt: name a .csv or .parquet"):
+        write_results([], tmp_path / "hits.txt")
+
+
+def test_search_skips_a_modality_no_row_has(ix, tmp_path) -> None:
+    """An image-only (DINO) index searched with the default fused queries, and a query shard
+    without profiles against a fused index, equal brute force over the vectors they have; a
+    query of another width is refused with the reason."""
+    centre = ix.centres(3, 16, seed=36)
+    gallery = ix.clustered_set(centre, _labels(3), per_class=10, noise=1.0, seed=37, prefix="G")
+    queries = ix.image_only(ix.clustered_set(centre, [None] * 3, per_class=2, noise=1.0, seed=38, prefix="Q"))
+    write_embeddings(queries, tmp_path / "q")
+    write_embeddings(ix.image_only(gallery), tmp_path / "dino")
+    write_embeddings(gallery, tmp_path / "clip")
+    for name in ("dino", "clip"):
+        build_index(tmp_path / name, tmp_path / f"{name}_idx")
+        hits = pd.concat(search_embeddings(tmp_path / f"{name}_idx", tmp_path / "q", k=5))
+        stored = load_index(tmp_path / f"{name}_idx")
+        assert stored.kind == "fused" and len(hits) == 6 * 5
+        _check_against_brute(
+            ix, stored, hits, queries.particle_id, [queries.image_emb], [queries.image_valid], 5
+        )
+
+    narrow = EmbeddingSet(["n0"], [None], ["X"], np.ones((1, 8)), np.ones(1, bool), None, np.zeros(1, bool))
+    write_embeddings(narrow, tmp_path / "narrow")
+    with pytest.raises(DataError, match="8 wide but the index .* 16-wide"):
+        list(search_embeddings(tmp_path / "dino_idx", tmp_path / "narrow", k=3))
+
+
+def test_search_ids_lists_a_repeated_id_each_time(ix, tmp_path) -> None:
+    """``--ids A B A``: three lists in the order given, each equal to brute force."""
+    es = ix.clustered_set(
+        ix.centres(4, 16, seed=40), _labels(4), per_class=10, noise=1.0, seed=41, prefix="G"
+    )
+    write_embeddings(es, tmp_path / "emb")
+    build_index(tmp_path / "emb", tmp_path / "idx")
+    stored = load_index(tmp_path / "idx")
+    twice = ["G5", "G0", "G5"]
+    frame = search_ids(tmp_path / "idx", twice, k=4)
+    assert frame["query_id"].tolist() == [q for q in twice for _ in range(4)]
+    for i, p in enumerate(int(q[1:]) for q in twice):
+        _check_against_brute(
+            ix, stored, frame.iloc[4 * i : 4 * i + 4], [twice[i]], [es.image_emb[[p]], es.profile_emb[[p]]],
+            [es.image_valid[[p]], es.profile_valid[[p]]], 4, exclude=np.array([p]),
+        )  # fmt: skip

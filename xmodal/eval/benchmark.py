@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from xmodal.config import ConfigError
+from xmodal.data.quarantine import DataError
 from xmodal.eval.embeddings import EmbeddingSet, load_embeddings
 from xmodal.eval.protocol import COMBOS, ProtocolResult, run_protocol
 from xmodal.eval.report import markdown, write_report
@@ -39,7 +41,9 @@ def named_paths(inputs: Inputs) -> dict[str, Path]:
         if label in out:
             label = f"{path.parent.name}/{label}" if not name else label
         if label in out:
-            raise ValueError(f"benchmark: two embedding inputs are both named {label!r}; name them NAME=PATH")
+            raise ConfigError(
+                f"benchmark: two embedding inputs are both named {label!r}; name them NAME=PATH"
+            )
         out[label] = path
     return out
 
@@ -50,8 +54,17 @@ def _domain(es: EmbeddingSet, domain: str | None, where: Path, role: str) -> Emb
     mask = es.domain.astype(str) == domain
     if not mask.any():
         found = sorted({str(d) for d in es.domain})
-        raise ValueError(f"{where}: no particles of {role} domain {domain!r}; domains present: {found}")
+        raise ConfigError(f"{where}: no particles of {role} domain {domain!r}; domains present: {found}")
     return es.subset(mask)
+
+
+def _check_labelled(es: EmbeddingSet, where: Path, role: str) -> None:
+    """The protocol scores predictions against labels: each side needs some."""
+    if not es.labelled.any():
+        raise DataError(
+            f"{where}: none of the {len(es)} {role} particles is labelled (the `label` column); the "
+            "benchmark needs labelled particles: embed a labelled dataset, e.g. the LAB folder"
+        )
 
 
 def benchmark(
@@ -76,7 +89,7 @@ def benchmark(
     if query_embeddings is not None:
         given = named_paths(query_embeddings)
         if len(given) != len(models):
-            raise ValueError(
+            raise ConfigError(
                 f"benchmark: {len(models)} embedding sets but {len(given)} query sets; give one query set per "
                 "model (each model embeds its own queries)"
             )
@@ -94,6 +107,9 @@ def benchmark(
             gallery = _domain(rest, gallery_domain, path, "gallery") if gallery_domain else rest
         else:
             gallery, qset = _domain(es, gallery_domain, path, "gallery"), None
+        _check_labelled(gallery, path, "gallery")
+        if qset is not None:
+            _check_labelled(qset, queries.get(name, path), "query")
         title = name + (f" ({gallery_domain or 'rest'}→{query_domain})" if query_domain else "")
         print(
             f"[xmodal] benchmark {title}: {len(gallery)} gallery-side particles"

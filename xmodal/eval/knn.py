@@ -325,7 +325,9 @@ def exact_predict(
     k: int,
     n_classes: int,
 ) -> np.ndarray:
-    """The same prediction as ``knn_predict`` by float64 brute force only (no FAISS)."""
+    """The same prediction as ``knn_predict`` by float64 brute force only (no FAISS), except where
+    distinct gallery vectors tie exactly: BLAS's matrix product here and the einsum of ``_rerank``
+    may round such a tie differently (e.g. -5.8e-18 against 0 for an orthogonal pair)."""
     gallery_all, labels_all, _ = join_gallery(gallery, gallery_labels)
     found = [exact_search(gallery_all, q, k) for q in queries.values()]
     distances = np.maximum(1.0 - np.concatenate([s for s, _ in found], axis=1), 0.0)

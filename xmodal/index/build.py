@@ -3,15 +3,17 @@
 Up to ``exact_max`` rows the index is exact (inner product on unit rows = cosine). Above it
 ``approx`` chooses:
 
-* ``ivf-flat`` (default): k-means lists (nlist ~ 4 sqrt(rows)) trained on a seeded sample; vectors
-  kept exactly, so recall is bought with ``nprobe`` alone;
+* ``ivf-flat`` (default): k-means lists (nlist ~ 4 sqrt(rows), at most one per 39 training rows)
+  trained on a seeded sample; vectors kept exactly, so recall is bought with ``nprobe`` alone;
 * ``ivf-pq``: the same lists, vectors compressed to ``pq_m`` bytes (memory over recall);
 * ``hnsw``: a neighbour graph with M links per row; no training, CPU only.
 
 The search parameter (``nprobe`` / ``efSearch``) is the first on a doubling ladder whose recall@10
 against exact search on a held-out sample reaches ``target_recall``; every value tried is recorded.
 Held-out rows are kept out of the training sample and excluded from their own neighbour lists, so
-the recall is that of a new particle's query.
+the recall is that of a new particle's query. On small data the held-out queries take at most half
+the sample, and fewer when the lists need the rows: k-means keeps 39 rows per list (FAISS's
+minimum for a fair fit) and, for IVF-PQ, the 256 its codebooks need.
 
 Two passes over the shards, each holding one shard in memory: (1) count rows, build the id map
 and draw the sample; (2) add rows to the trained index while the held-out queries' exact
@@ -32,6 +34,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from xmodal.config import ConfigError
+from xmodal.data.quarantine import DataError
 from xmodal.data.schema import parquet_files
 from xmodal.eval.embeddings import load_embeddings
 from xmodal.eval.progress import ProgressLog
@@ -41,6 +45,8 @@ from xmodal.index.vectors import kind_rows, modalities
 
 APPROX = ("ivf-flat", "ivf-pq", "hnsw")
 RECALL_K = 10
+MIN_PER_LIST = 39  # training rows per IVF list below which FAISS's k-means warns
+MIN_PQ_TRAIN = 256  # PQ codebooks of 8 bits: 256 centroids, each needs a training row
 # Parquet metadata that `xmodal embed` writes (xmodal.eval.embed.CHECKPOINT_KEY; not imported from
 # there because that module loads torch, which building an index does not need; a test checks both agree)
 CHECKPOINT_KEY = b"xmodal.checkpoint"
@@ -55,7 +61,7 @@ class BuildOptions:
     pq_m: int = 0  # IVF-PQ bytes per vector (sub-quantizers, 8 bits each); 0 = dim / 2
     hnsw_m: int = 32
     ef_construction: int = 80
-    train_size: int = 0  # k-means sample; 0 = 50 x nlist (FAISS wants >= 39 per list)
+    train_size: int = 0  # k-means sample; 0 = 50 x nlist; never below 39 x nlist (and 256 for PQ)
     holdout: int = 1000  # held-out queries for recall@10
     target_recall: float = 0.97
     seed: int = 0
@@ -120,12 +126,12 @@ def _scan(files: list[Path], kind: str, want: int, seed: int, log: ProgressLog) 
         particles_so_far += len(es)
         log.update(len(es))
     if len(dims) > 1:
-        raise ValueError(
+        raise DataError(
             f"embeddings under {files[0].parent} have different widths {sorted(dims)}; "
             "they come from different models: index each model's embeddings separately"
         )
     if rows_so_far == 0:
-        raise ValueError(
+        raise DataError(
             f"no {kind} embeddings in {len(files)} file(s) under {files[0].parent}; choose another --kind"
         )
     ids = pa.concat_tables(tables)
@@ -142,31 +148,55 @@ def _check_unique(ids: pa.Table, mods: tuple[str, ...], where: Path) -> None:
         counts = pc.value_counts(pid)
         dup = counts.filter(pc.greater(counts.field("counts"), 1))
         if len(dup):
-            raise ValueError(
+            raise DataError(
                 f"{where}: {len(dup)} particle ids occur in more than one shard "
                 f"(e.g. {dup.field('values')[0]}); remove the duplicate shards first"
             )
 
 
-def _plan(rows: int, dim: int, o: BuildOptions) -> tuple[str, str, dict[str, Any]]:
-    """(index type, FAISS factory string, its parameters) for ``rows`` vectors of width ``dim``."""
+def _plan(rows: int, dim: int, o: BuildOptions, sampled: int) -> tuple[str, str, dict[str, Any], int]:
+    """(index type, FAISS factory string, its parameters, held-out queries) for ``rows`` vectors of
+    width ``dim`` of which ``sampled`` were drawn (held-out queries and training rows)."""
     if rows <= o.exact_max:
-        return "flat", "Flat", {}
+        return "flat", "Flat", {}, 0
     if o.approx not in APPROX:
-        raise ValueError(f"unknown approximate index {o.approx!r}; choose one of {', '.join(APPROX)}")
+        raise ConfigError(f"unknown approximate index {o.approx!r}; choose one of {', '.join(APPROX)}")
     if o.approx == "hnsw":
-        return "hnsw", f"HNSW{o.hnsw_m},Flat", {"hnsw_m": o.hnsw_m, "ef_construction": o.ef_construction}
-    # 4 sqrt(rows) lists, but no more than k-means can fit with FAISS's minimum of 39 points each
-    nlist = o.nlist or max(1, min(int(round(4 * math.sqrt(rows))), rows // 39))
+        params = {"hnsw_m": o.hnsw_m, "ef_construction": o.ef_construction}
+        return "hnsw", f"HNSW{o.hnsw_m},Flat", params, min(o.holdout, max(0, sampled - 1))
+    hold = min(o.holdout, sampled // 2)
+    # 4 sqrt(rows) lists, but no more than the training rows fit at MIN_PER_LIST each
+    nlist = o.nlist or max(1, min(int(round(4 * math.sqrt(rows))), (sampled - hold) // MIN_PER_LIST))
     params: dict[str, Any] = {"nlist": nlist}
     if o.approx == "ivf-flat":
-        return "ivf-flat", f"IVF{nlist},Flat", params
-    m = o.pq_m or max(1, dim // 2)
-    if dim % m:
-        raise ValueError(f"--pq-m {m} must divide the embedding width {dim}")
-    params["pq_m"] = m
-    # "np": no polysemous training (a slow annealing for Hamming filtering, which search never uses)
-    return "ivf-pq", f"IVF{nlist},PQ{m}x8np", params
+        spec = f"IVF{nlist},Flat"
+    else:
+        m = o.pq_m or max(1, dim // 2)
+        if dim % m:
+            raise ConfigError(f"--pq-m {m} must divide the embedding width {dim}")
+        params["pq_m"] = m
+        # "np": no polysemous training (a slow annealing for Hamming filtering, which search never uses)
+        spec = f"IVF{nlist},PQ{m}x8np"
+    need = _min_train(o.approx, nlist)
+    if sampled < need:
+        fix = (
+            f"lower --nlist to at most {sampled // MIN_PER_LIST}"
+            if o.nlist and sampled >= _min_train(o.approx, 1)
+            else "use --approx hnsw"
+        )
+        raise ConfigError(
+            f"{o.approx} with {nlist} list(s) needs {need:,} training rows ({MIN_PER_LIST} per list"
+            + (f", at least {MIN_PQ_TRAIN} for the PQ codebooks" if o.approx == "ivf-pq" else "")
+            + f"), but there are {sampled:,} rows to train on: {fix}, or raise --exact-max to "
+            f"{rows:,} or more to keep the index exact"
+        )
+    return o.approx, spec, params, min(hold, sampled - need)  # fewer held out when training needs them
+
+
+def _min_train(approx: str, nlist: int) -> int:
+    """Training rows an IVF index of ``nlist`` lists needs."""
+    need = MIN_PER_LIST * nlist
+    return max(need, MIN_PQ_TRAIN) if approx == "ivf-pq" else need
 
 
 class _ExactTopK:
@@ -251,18 +281,18 @@ def build_index(
         ProgressLog("index scan", total),
     )
     rows = scan.ids.num_rows
-    index_type, spec, params = _plan(rows, scan.dim, o)
+    index_type, spec, params, n_hold = _plan(rows, scan.dim, o, len(scan.sample_rows))
     timings["scan_s"] = time.perf_counter() - t0
 
     # the held-out queries, then the training sample from the rest (seeded, without replacement)
     rng = np.random.default_rng(o.seed + 1)
     order = rng.permutation(len(scan.sample_rows))
-    n_hold = 0 if index_type == "flat" else min(o.holdout, max(0, len(order) - 1))
     hold, rest = order[:n_hold], order[n_hold:]
     index = faiss.index_factory(scan.dim, spec, faiss.METRIC_INNER_PRODUCT)
     t1 = time.perf_counter()
     if index_type in ("ivf-flat", "ivf-pq"):
-        train_n = min(len(rest), o.train_size or 50 * params["nlist"])
+        wanted = max(o.train_size or 50 * params["nlist"], _min_train(index_type, params["nlist"]))
+        train_n = min(len(rest), wanted)
         train = scan.sample[np.sort(rest[:train_n])]
         ivf = faiss.extract_index_ivf(index)
         clustering = gpu_clustering_index(scan.dim, n_gpus)

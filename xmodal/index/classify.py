@@ -13,13 +13,15 @@ gallery rows, and all of them vote with weight 1 / (1 - cosine) (``xmodal.eval.k
 
 A particle whose score is below the threshold is predicted ``unknown``. The threshold is set, or
 calibrated by leave-one-out on the gallery: each gallery particle is classified against the others,
-and the threshold is the largest that still accepts ``accept`` of them.
+and the threshold is the largest that still accepts ``accept`` of them. Since ``unknown`` names the
+rejected particles, a gallery may not have a class of that name.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import math
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,13 +32,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from xmodal.config import ConfigError
+from xmodal.data.quarantine import DataError
 from xmodal.data.schema import parquet_files
 from xmodal.eval.embeddings import EmbeddingSet, load_embeddings
 from xmodal.eval.knn import vote
 from xmodal.eval.progress import ProgressLog
 from xmodal.index.html import contact_sheet, read_images
 from xmodal.index.outputs import PREDICTION_SCHEMA, UNKNOWN, PredictionWriter
-from xmodal.index.search import QueryVectors, search_index, search_rows, top_particles
+from xmodal.index.search import QueryVectors, check_k, search_index, search_rows, top_particles
 from xmodal.index.store import META_FILE, load_index
 from xmodal.index.vectors import kind_rows, modalities, query_vectors
 
@@ -63,8 +67,15 @@ class Gallery:
         return out
 
 
-def _encode(labels: np.ndarray) -> tuple[np.ndarray, list[str]]:
+def _encode(labels: np.ndarray, source: str | Path) -> tuple[np.ndarray, list[str]]:
+    """Class codes of ``labels`` (in sorted class order) and the classes; refuses a class named like
+    the rejection label, which would make its predictions indistinguishable from rejected ones."""
     classes = sorted(set(labels.tolist()))
+    if UNKNOWN in classes:
+        raise DataError(
+            f"{source}: the gallery has a class named {UNKNOWN!r}, the name classify gives rejected "
+            "particles; rename that class (e.g. 'unidentified') or leave its particles out of the gallery"
+        )
     lookup = {c: i for i, c in enumerate(classes)}
     return np.array([lookup[v] for v in labels], dtype=np.int64), classes
 
@@ -74,14 +85,14 @@ def gallery_from_embeddings(path: str | Path, kind: str = "fused") -> Gallery:
     es = load_embeddings(path)
     keep = es.labelled
     if not keep.any():
-        raise ValueError(f"{path}: no labelled particles; a gallery needs labels (the `label` column)")
+        raise DataError(f"{path}: no labelled particles; a gallery needs labels (the `label` column)")
     es = es.subset(keep)
     rows = kind_rows(es, kind, where=str(path))
     if len(rows.particle) == 0:
-        raise ValueError(f"{path}: no {kind} embeddings among the labelled particles; choose another --kind")
+        raise DataError(f"{path}: no {kind} embeddings among the labelled particles; choose another --kind")
     index = faiss.IndexFlatIP(rows.vectors.shape[1])
     index.add(rows.vectors)
-    codes, classes = _encode(es.label[rows.particle])
+    codes, classes = _encode(es.label[rows.particle], path)
     return Gallery(
         index, kind, codes, classes, rows.particle, es.particle_id, query_vectors(es, "fused"), str(path)
     )
@@ -92,11 +103,11 @@ def gallery_from_index(path: str | Path, use_gpu: bool | None = None) -> Gallery
     stored = load_index(path)
     unlabelled = np.array([v is None for v in stored.ids.label])
     if unlabelled.any():
-        raise ValueError(
+        raise DataError(
             f"{path}: {int(unlabelled.sum())} of {len(unlabelled)} index rows are unlabelled (e.g. particle "
             f"{stored.ids.particle_id[unlabelled][0]}); build the gallery index from labelled embeddings only"
         )
-    codes, classes = _encode(stored.ids.label)
+    codes, classes = _encode(stored.ids.label, path)
     n_part = int(stored.ids.particle.max()) + 1
     first = stored.ids.first_row
     vectors = {}
@@ -160,10 +171,9 @@ def vote_queries(
     wide = per_particle * k
     all_s, all_r, list_s, list_p = [], [], [], []
     for vecs, valid in queries.values():
-        s, r = search_rows(gallery.index, vecs, wide + (per_particle if exclude is not None else 0))
+        s, r = search_rows(gallery.index, vecs, wide + (per_particle if exclude is not None else 0), valid)
         if exclude is not None:
             s, r = _drop_self(s, r, gallery.particle, exclude, wide)
-        s[~valid], r[~valid] = -np.inf, -1
         all_s.append(s[:, :k])
         all_r.append(r[:, :k])
         list_s.append(s)
@@ -191,7 +201,7 @@ def leave_one_out(gallery: Gallery, k: int, query_kind: str) -> tuple[Votes, np.
     queries = {m: gallery.vectors[m] for m in modalities(query_kind)}
     has_query = np.logical_or.reduce([v for _, v in queries.values()])
     if not has_query.any():
-        raise ValueError(
+        raise DataError(
             f"gallery {gallery.source} has no {query_kind} embeddings to calibrate with; "
             "pass --threshold, or a gallery with those embeddings"
         )
@@ -203,12 +213,15 @@ def leave_one_out(gallery: Gallery, k: int, query_kind: str) -> tuple[Votes, np.
 
 
 def calibrate(gallery: Gallery, k: int, accept: float, query_kind: str) -> dict[str, Any]:
-    """The open-set threshold that accepts ``accept`` of the gallery under leave-one-out."""
+    """The open-set threshold that accepts ``accept`` of the gallery under leave-one-out: the
+    largest score that at least ``accept`` of the gallery's scores reach."""
     if not 0 < accept <= 1:
-        raise ValueError(f"--accept {accept}: must be a fraction in (0, 1]")
+        raise ConfigError(f"--accept {accept}: must be a fraction in (0, 1]")
     loo, truth = leave_one_out(gallery, k, query_kind)
     scores = np.sort(loo.score)
-    threshold = float(scores[int(np.floor((1 - accept) * len(scores)))])
+    # particles to accept; the slack keeps accept * n that is whole on paper (0.9 x 10) from rounding up
+    need = max(1, math.ceil(accept * len(scores) - 1e-9))
+    threshold = float(scores[len(scores) - need])
     counts = np.bincount(truth, minlength=len(gallery.classes))
     return {
         "threshold": threshold,
@@ -282,8 +295,9 @@ def classify(
     to accept ``accept`` of the gallery. ``html`` needs the particles' Parquet of the queries
     (``particles``) and of the gallery (``gallery_particles``) for their images.
     """
+    check_k(k)
     if html and (particles is None or gallery_particles is None):
-        raise ValueError(
+        raise ConfigError(
             "--html needs --particles (the queries' particle Parquet) and --gallery-particles "
             "(the gallery's) to show their images"
         )
@@ -322,6 +336,8 @@ def classify(
         "counts": counts.to_dict(orient="records"),
         "seconds": round(log.elapsed, 2),
     }
+    summary_file = out / "summary.json"
+    summary_file.write_text(json.dumps(summary, indent=1, default=str))
     if html:
         sample = sample.to_pandas().sort_values("particle_id")
         gallery_ids = {i for ids in sample["neighbour_ids"] for i in ids}
@@ -333,7 +349,7 @@ def classify(
             title=f"xmodal classify: {Path(queries).name} vs {Path(g.source).name}",
         )
         summary["html"] = str(sheet)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        summary_file.write_text(json.dumps(summary, indent=1, default=str))
     print(
         f"[xmodal] classified {writer.rows:,} particles against {len(g.classes)} classes "
         f"({summary['unknown']:,} unknown at threshold {cal['threshold']:.3f}) in {log.elapsed:.1f}s -> {out}"

@@ -1,10 +1,13 @@
 """An offline HTML contact sheet: a sample of classified particles, each beside its nearest gallery
-particles. Images are embedded as base64 data URIs, so the one file opens anywhere without the data."""
+particles. Images are embedded as base64 data URIs, so the one file opens anywhere without the data.
+PNG, JPEG and GIF crops are embedded as they are; any other format Pillow reads (TIFF, BMP, 16-bit
+...) is re-encoded as an 8-bit grayscale PNG, and a crop nothing can read shows as "unreadable"."""
 
 from __future__ import annotations
 
 import base64
 import html
+import io
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -12,10 +15,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from PIL import Image
 
 from xmodal.data.schema import parquet_files
+from xmodal.data.transforms import to_gray8
 
-_MIME = {b"\x89PNG": "image/png", b"\xff\xd8\xff": "image/jpeg", b"GIF8": "image/gif", b"BM": "image/bmp"}
+_MIME = {b"\x89PNG": "image/png", b"\xff\xd8\xff": "image/jpeg", b"GIF8": "image/gif"}  # browsers show these
 
 _STYLE = """
 body { font-family: sans-serif; margin: 1em; background: #fafafa; }
@@ -28,11 +33,18 @@ img { width: 96px; height: 96px; object-fit: contain; background: #000; display:
 """
 
 
-def image_uri(data: bytes) -> str:
-    """A data URI for encoded image bytes (PNG, JPEG, GIF, BMP by their magic numbers)."""
+def image_uri(data: bytes) -> str | None:
+    """A data URI for encoded image bytes: PNG, JPEG and GIF (by their magic numbers) as they are,
+    anything else Pillow reads as an 8-bit grayscale PNG; None when Pillow cannot read it."""
     mime = next((m for magic, m in _MIME.items() if data.startswith(magic)), None)
     if mime is None:
-        raise ValueError(f"unknown image format (first bytes {data[:4]!r}); expected PNG, JPEG, GIF or BMP")
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                png = io.BytesIO()
+                to_gray8(im).save(png, format="PNG")
+        except (OSError, ValueError, Image.DecompressionBombError):
+            return None
+        mime, data = "image/png", png.getvalue()
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
@@ -55,11 +67,11 @@ def read_images(particles: str | Path, wanted: Iterable[str]) -> dict[str, bytes
 
 def _cell(pid: str, images: dict[str, bytes], caption: str, cls: str = "") -> str:
     img = images.get(pid)
-    body = (
-        f'<img src="{image_uri(img)}" alt="{html.escape(pid)}">'
-        if img
-        else '<div class="missing">no image</div>'
-    )
+    uri = image_uri(img) if img else None
+    if uri:
+        body = f'<img src="{uri}" alt="{html.escape(pid)}">'
+    else:
+        body = f'<div class="missing">{"unreadable image" if img else "no image"}</div>'
     return f'<td class="{cls}">{body}<div>{html.escape(pid)}</div><div>{caption}</div></td>'
 
 

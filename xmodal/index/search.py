@@ -20,6 +20,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from xmodal.config import ConfigError
+from xmodal.data.quarantine import DataError
 from xmodal.data.schema import parquet_files
 from xmodal.eval.embeddings import load_embeddings
 from xmodal.index.device import GPU_MAX_K, gpu_count, set_search_param, to_search_device
@@ -27,6 +29,17 @@ from xmodal.index.store import IdMap, StoredIndex, load_index
 from xmodal.index.vectors import modalities, query_vectors
 
 QueryVectors = dict[str, tuple[np.ndarray, np.ndarray]]  # modality -> (vectors (Q, D), valid (Q,))
+
+RESULT_SCHEMA = pa.schema(  # one line per (query, neighbour); every shard's frame is written with it
+    [
+        ("query_id", pa.string()),
+        ("rank", pa.int64()),
+        ("neighbour_id", pa.string()),
+        ("score", pa.float32()),
+        ("label", pa.string()),
+        ("domain", pa.string()),
+    ]
+)
 
 
 def search_index(stored: StoredIndex, use_gpu: bool | None = None) -> faiss.Index:
@@ -37,17 +50,37 @@ def search_index(stored: StoredIndex, use_gpu: bool | None = None) -> faiss.Inde
     return index
 
 
-def search_rows(index: faiss.Index, queries: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+def check_k(k: int) -> None:
+    """Neighbours to list or vote with: at least one."""
+    if k < 1:
+        raise ConfigError(f"--k {k}: ask for at least 1 neighbour")
+
+
+def search_rows(
+    index: faiss.Index, queries: np.ndarray, width: int, valid: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Top-``width`` (similarity, row) per query; missing places (small index, or an approximate
-    index that found fewer) are row -1 with similarity -inf."""
+    index that found fewer) are row -1 with similarity -inf. Only ``valid`` queries (default all)
+    are searched; the others get no rows (a shard without a modality has vectors of width 0)."""
     width = max(1, min(width, index.ntotal))
+    valid = np.ones(len(queries), bool) if valid is None else np.asarray(valid, bool)
+    sims = np.full((len(queries), width), -np.inf, dtype=np.float32)
+    rows = np.full((len(queries), width), -1, dtype=np.int64)
+    if not valid.any():
+        return sims, rows
+    if queries.shape[1] != index.d:
+        raise DataError(
+            f"query embeddings are {queries.shape[1]} wide but the index (or gallery) holds {index.d}-wide "
+            "vectors: they come from different models; embed both with the same checkpoint"
+        )
     if width > GPU_MAX_K and faiss.get_num_gpus() > 0:
-        raise ValueError(
+        raise ConfigError(
             f"{width} neighbours per query exceed the GPU search limit {GPU_MAX_K}; "
             "ask for fewer (--k) or search on the CPU (--no-gpu)"
         )
-    sims, rows = index.search(np.ascontiguousarray(queries, dtype=np.float32), width)
-    sims = np.where(rows < 0, -np.inf, sims).astype(np.float32)
+    s, r = index.search(np.ascontiguousarray(queries[valid], dtype=np.float32), width)
+    sims[valid] = np.where(r < 0, -np.inf, s)
+    rows[valid] = r
     return sims, rows
 
 
@@ -89,10 +122,9 @@ def neighbours(
     width = len(modalities(kind)) * (k + 1)
     all_s, all_p = [], []
     for vecs, valid in queries.values():
-        s, r = search_rows(index, vecs, width)
-        s[~valid] = -np.inf
+        s, r = search_rows(index, vecs, width, valid)
         all_s.append(s)
-        all_p.append(np.where((r >= 0) & valid[:, None], ids.particle[np.maximum(r, 0)], -1))
+        all_p.append(np.where(r >= 0, ids.particle[np.maximum(r, 0)], -1))
     top_p, top_s = top_particles(np.concatenate(all_s, axis=1), np.concatenate(all_p, axis=1), k, exclude)
     return np.where(top_p >= 0, ids.first_row[np.maximum(top_p, 0)], -1), top_s
 
@@ -103,7 +135,7 @@ def result_frame(query_ids: np.ndarray, ids: IdMap, rows: np.ndarray, scores: np
     keep = rows.reshape(-1) >= 0
     r = rows.reshape(-1)[keep]
     return pd.DataFrame(
-        {
+        {  # the columns of RESULT_SCHEMA
             "query_id": np.repeat(np.asarray(query_ids, dtype=object), k)[keep],
             "rank": np.tile(np.arange(1, k + 1), q)[keep],
             "neighbour_id": ids.particle_id[r],
@@ -115,37 +147,40 @@ def result_frame(query_ids: np.ndarray, ids: IdMap, rows: np.ndarray, scores: np
 
 
 def vectors_of(stored: StoredIndex, particle_ids: list[str]) -> tuple[QueryVectors, np.ndarray]:
-    """Stored vectors of particles in the index, per modality, and their particle codes."""
+    """Stored vectors of particles in the index, per modality, and their particle codes, one row
+    per given id (an id given twice gets two rows)."""
+    unique, position = np.unique(np.asarray(particle_ids, dtype=object).astype(str), return_inverse=True)
     found = pc.index_in(
-        pa.array(stored.ids.particle_id.tolist(), pa.string()), value_set=pa.array(particle_ids, pa.string())
+        pa.array(stored.ids.particle_id.tolist(), pa.string()), value_set=pa.array(unique, pa.string())
     ).to_numpy(zero_copy_only=False)
     hit = ~np.isnan(found.astype(np.float64))
-    missing = sorted(set(particle_ids) - set(stored.ids.particle_id[hit].tolist()))
+    missing = sorted(set(unique.tolist()) - set(stored.ids.particle_id[hit].tolist()))
     if missing:
-        raise KeyError(
+        raise ConfigError(
             f"{len(missing)} particle id(s) not in the index {stored.path} (e.g. {missing[:3]}); "
             "`xmodal index info` shows what it holds"
         )
     rows = np.flatnonzero(hit)
-    which = found[hit].astype(np.int64)  # position in particle_ids
-    codes = np.full(len(particle_ids), -1, dtype=np.int64)
+    which = found[hit].astype(np.int64)  # position in unique
+    codes = np.full(len(unique), -1, dtype=np.int64)
     codes[which] = stored.ids.particle[rows]
     out: QueryVectors = {}
     for m in modalities(stored.kind):
         sel = stored.ids.modality[rows] == m
-        vecs = np.zeros((len(particle_ids), stored.index.d), np.float32)
-        valid = np.zeros(len(particle_ids), bool)
+        vecs = np.zeros((len(unique), stored.index.d), np.float32)
+        valid = np.zeros(len(unique), bool)
         if sel.any():
             vecs[which[sel]] = stored.index.reconstruct_batch(rows[sel])
             valid[which[sel]] = True
-        out[m] = (vecs, valid)
-    return out, codes
+        out[m] = (vecs[position], valid[position])
+    return out, codes[position]
 
 
 def search_ids(
     index_dir: str | Path, particle_ids: list[str], k: int = 10, use_gpu: bool | None = None
 ) -> pd.DataFrame:
     """Neighbours of particles stored in the index (each particle is left out of its own list)."""
+    check_k(k)
     stored = load_index(index_dir)
     queries, codes = vectors_of(stored, list(particle_ids))
     rows, scores = neighbours(
@@ -162,6 +197,7 @@ def search_embeddings(
     use_gpu: bool | None = None,
 ) -> Iterator[pd.DataFrame]:
     """Neighbours of new particles, one frame per embeddings shard (archives are streamed)."""
+    check_k(k)
     stored = load_index(index_dir)
     index = search_index(stored, use_gpu)
     for f in parquet_files(embeddings):
@@ -171,12 +207,16 @@ def search_embeddings(
         yield result_frame(es.particle_id, stored.ids, rows, scores)
 
 
+def check_out(out: str | Path | None) -> None:
+    if out and Path(out).suffix not in (".csv", ".parquet"):
+        raise ConfigError(f"--out {out}: name a .csv or .parquet file")
+
+
 def write_results(frames: Iterable[pd.DataFrame], out: str | Path | None, show: int = 20) -> int:
-    """Stream result frames into ``out`` (``.csv`` or ``.parquet``), or print the first ``show``
-    lines when there is no ``out``; returns the number of result lines."""
+    """Stream result frames into ``out`` (``.csv`` or ``.parquet``, typed by ``RESULT_SCHEMA``), or
+    print the first ``show`` lines when there is no ``out``; returns the number of result lines."""
+    check_out(out)
     path = Path(out) if out else None
-    if path is not None and path.suffix not in (".csv", ".parquet"):
-        raise ValueError(f"--out {path}: name a .csv or .parquet file")
     rows, writer = 0, None
     for frame in frames:
         if path is None:
@@ -185,9 +225,8 @@ def write_results(frames: Iterable[pd.DataFrame], out: str | Path | None, show: 
         elif path.suffix == ".csv":
             frame.to_csv(path, mode="a" if rows else "w", header=rows == 0, index=False)
         else:
-            table = pa.Table.from_pandas(frame, preserve_index=False)
-            writer = writer or pq.ParquetWriter(path, table.schema, compression="zstd")
-            writer.write_table(table.cast(writer.schema))
+            writer = writer or pq.ParquetWriter(path, RESULT_SCHEMA, compression="zstd")
+            writer.write_table(pa.Table.from_pandas(frame, schema=RESULT_SCHEMA, preserve_index=False))
         rows += len(frame)
     if writer is not None:
         writer.close()

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from xmodal.config import ConfigError
+from xmodal.data.quarantine import DataError
 from xmodal.eval.embeddings import EmbeddingSet
 
 KINDS = ("image", "profile", "fused")
@@ -23,7 +25,7 @@ KINDS = ("image", "profile", "fused")
 
 def modalities(kind: str) -> tuple[str, ...]:
     if kind not in KINDS:
-        raise ValueError(f"unknown embedding kind {kind!r}; choose one of {', '.join(KINDS)}")
+        raise ConfigError(f"unknown embedding kind {kind!r}; choose one of {', '.join(KINDS)}")
     return ("image", "profile") if kind == "fused" else (kind,)
 
 
@@ -32,9 +34,7 @@ def unit_rows(x: np.ndarray, where: str) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     if (norms == 0).any():
-        raise ValueError(
-            f"{where}: {int((norms == 0).sum())} embeddings are all zeros; re-run `xmodal embed`"
-        )
+        raise DataError(f"{where}: {int((norms == 0).sum())} embeddings are all zeros; re-run `xmodal embed`")
     return x / norms
 
 
@@ -61,7 +61,7 @@ def kind_rows(es: EmbeddingSet, kind: str, where: str = "embeddings") -> Rows:
         return Rows(np.zeros((0, dim), np.float32), np.zeros(0, np.int64), np.zeros(0, dtype=object))
     widths = {v.shape[1] for v in vecs}
     if len(widths) > 1:
-        raise ValueError(
+        raise DataError(
             f"{where}: image and profile embeddings differ in width {sorted(widths)}; cannot fuse"
         )
     return Rows(np.concatenate(vecs), np.concatenate(parts).astype(np.int64), np.concatenate(mods))
@@ -70,7 +70,8 @@ def kind_rows(es: EmbeddingSet, kind: str, where: str = "embeddings") -> Rows:
 def query_vectors(
     es: EmbeddingSet, kind: str, where: str = "queries"
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per query modality of ``kind``: (unit vectors (N, D) float32, valid (N,)); invalid rows are zeros."""
+    """Per query modality of ``kind``: (unit vectors (N, D) float32, valid (N,)); invalid rows are zeros.
+    A modality no row has may be of width 0 (a shard without it): searches skip invalid rows."""
     out = {}
     for m in modalities(kind):
         valid = es.valid(m)

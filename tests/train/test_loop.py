@@ -213,3 +213,6 @@ def test_a_non_finite_loss_names_the_step_as_metrics_jsonl_numbers_it(tmp_path):
     with pytest.MonkeyPatch.context() as mp, pytest.raises(NonFiniteLossError, match=r"^step 3: ") as e:
         run_loop(mp, cfg, data, tmp_path / "run")
     assert str(e.value).endswith("non-finite tensor(s): image")
+    # the steps before it reach the run folder although the run ended within the 60-s sync period
+    log = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if r["kind"] == "step"] == [1, 2]

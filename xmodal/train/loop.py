@@ -102,132 +102,136 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         scheduler.load_state_dict(resume["scheduler"])
 
     logger = MetricsLogger(loop_config["run_dir"]) if rank == 0 else None
-    val_data, center_data = (loop_config.get(k) for k in ("val", "center"))
-    if val_data is not None and not isinstance(val_data, dict):
-        val_data = ray.get(val_data)
-    if center_data is not None and not isinstance(center_data, dict):
-        center_data = ray.get(center_data) if rank == 0 else None
-    shard = ray.train.get_dataset_shard("train")
-    total_steps = cfg.optim.epochs * steps_per_epoch
-    t_run = time.time()
-    if resume is not None and start_epoch >= cfg.optim.epochs:
-        # Resumed after its last epoch: a sweep's driver died between this trial's last checkpoint and
-        # recording its result. Report that checkpoint's metrics once more (nothing is trained or
-        # logged twice) so whoever waits on the run, a Tune trial, still gets its score.
-        if rank == 0:
-            say(
-                f"[xmodal] run already finished ({start_epoch} epochs); reporting its last checkpoint's metrics"
-            )
-        last = resume.get("metrics", {}) if rank == 0 else {}
-        ray.train.report(_reportable({**last, "epoch": start_epoch, "global_step": global_step}))
-    elif rank == 0 and start_epoch > 0:
-        say(f"[xmodal] resuming from epoch {start_epoch} (step {global_step})")
-
-    ga = cfg.optim.grad_accum
-    for epoch in range(start_epoch, cfg.optim.epochs):
-        model.train()
-        optimizer.zero_grad(set_to_none=True)
-        t_epoch = time.time()
-        wait = samples = loss_sum = step_loss = 0.0
-        n_micro = epoch_steps = 0
-        lr = scheduler.get_last_lr()[0]  # the lr of the epoch's last step, once it has one
-        stats_sum: dict[str, float] = {}
-        t_fetch = time.time()
-        it = shard.iter_torch_batches(batch_size=micro_bs, drop_last=True, prefetch_batches=2, device=device)
-        for batch in it:
-            wait += time.time() - t_fetch
-            if epoch_steps == steps_per_epoch:  # fewer than grad_accum micro-batches left: not a step
-                t_fetch = time.time()
-                continue
-            batch = {k: batch[k] for k in TENSOR_KEYS}
-            if device.type == "cuda" and cfg.train.channels_last:
-                batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
-            last_micro = (n_micro + 1) % ga == 0
-            # DDP all-reduces gradients in the backward of the step's last micro-batch only
-            sync = model.no_sync if world > 1 and not last_micro else nullcontext
-            with sync():
-                with _autocast(device, cfg.train.precision):
-                    loss, stats = model(batch)
-                check_finite(loss, batch, module, global_step + 1)  # numbered as metrics.jsonl numbers it
-                (loss / ga).backward()
-            n_micro += 1
-            samples += batch["image"].shape[0]
-            loss_value = loss.item()
-            loss_sum += loss_value
-            step_loss += loss_value / ga
-            for k, v in stats.items():
-                stats_sum[k] = stats_sum.get(k, 0.0) + float(v)
-            if last_micro:
-                lr = scheduler.get_last_lr()[0]  # the lr this step uses
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                global_step += 1
-                epoch_steps += 1
-                module.after_step(global_step / max(1, total_steps))
-                if rank == 0 and global_step % cfg.train.log_every == 0:
-                    logger.log(
-                        "step",
-                        global_step,
-                        {"loss": step_loss, "lr": lr, **{k: float(v) for k, v in stats.items()}},
-                    )
-                step_loss = 0.0
-            t_fetch = time.time()
-        elapsed = time.time() - t_epoch
-        tot_samples, tot_time, tot_wait, tot_loss, tot_micro = _allreduce_sum(
-            [samples, elapsed, wait, loss_sum, float(n_micro)], device
-        )
-        metrics: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "global_step": global_step,
-            "train_loss": tot_loss / max(1.0, tot_micro),
-            "lr": lr,
-            "samples_per_s": tot_samples / max(1e-9, tot_time / world),
-            "samples_per_s_worker": samples / max(1e-9, elapsed),
-            "data_wait_frac": tot_wait / max(1e-9, tot_time),
-            **{
-                f"train_{k}" if k != "logit_scale" and k != "logit_bias" else k: v / max(1, n_micro)
-                for k, v in stats_sum.items()
-                if k != "loss"
-            },
-        }
-        if not math.isfinite(metrics["train_loss"]):
-            raise NonFiniteLossError(f"epoch {epoch + 1}: mean training loss is not finite")
-        is_ckpt_epoch = (epoch + 1) % cfg.train.checkpoint_every == 0 or epoch + 1 == cfg.optim.epochs
-        if rank == 0:
-            if center_data is not None:  # first: the validation score sees the embeddings users get
-                metrics.update(update_center(module, center_data, device))
-            if val_data is not None:
-                metrics.update(validate(module, val_data, cfg, device))
-            metrics.setdefault("val_score", -metrics["train_loss"])  # no labelled set: rank by loss
-            logger.log("epoch", epoch + 1, metrics)
-            say(
-                "[xmodal] "
-                + progress_line(
-                    epoch, cfg.optim.epochs, metrics, time.time() - t_run, epoch + 1 - start_epoch
+    try:
+        val_data, center_data = (loop_config.get(k) for k in ("val", "center"))
+        if val_data is not None and not isinstance(val_data, dict):
+            val_data = ray.get(val_data)
+        if center_data is not None and not isinstance(center_data, dict):
+            center_data = ray.get(center_data) if rank == 0 else None
+        shard = ray.train.get_dataset_shard("train")
+        total_steps = cfg.optim.epochs * steps_per_epoch
+        t_run = time.time()
+        if resume is not None and start_epoch >= cfg.optim.epochs:
+            # Resumed after its last epoch: a sweep's driver died between this trial's last checkpoint and
+            # recording its result. Report that checkpoint's metrics once more (nothing is trained or
+            # logged twice) so whoever waits on the run, a Tune trial, still gets its score.
+            if rank == 0:
+                say(
+                    f"[xmodal] run already finished ({start_epoch} epochs); reporting its last checkpoint's metrics"
                 )
+            last = resume.get("metrics", {}) if rank == 0 else {}
+            ray.train.report(_reportable({**last, "epoch": start_epoch, "global_step": global_step}))
+        elif rank == 0 and start_epoch > 0:
+            say(f"[xmodal] resuming from epoch {start_epoch} (step {global_step})")
+
+        ga = cfg.optim.grad_accum
+        for epoch in range(start_epoch, cfg.optim.epochs):
+            model.train()
+            optimizer.zero_grad(set_to_none=True)
+            t_epoch = time.time()
+            wait = samples = loss_sum = step_loss = 0.0
+            n_micro = epoch_steps = 0
+            lr = scheduler.get_last_lr()[0]  # the lr of the epoch's last step, once it has one
+            stats_sum: dict[str, float] = {}
+            t_fetch = time.time()
+            it = shard.iter_torch_batches(
+                batch_size=micro_bs, drop_last=True, prefetch_batches=2, device=device
             )
-            if is_ckpt_epoch:
-                with tempfile.TemporaryDirectory() as tmp:
-                    save_checkpoint(
-                        tmp,
-                        cfg,
-                        module,
-                        epoch + 1,
-                        global_step,
-                        optimizer,
-                        scheduler,
-                        {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+            for batch in it:
+                wait += time.time() - t_fetch
+                if epoch_steps == steps_per_epoch:  # fewer than grad_accum micro-batches left: not a step
+                    t_fetch = time.time()
+                    continue
+                batch = {k: batch[k] for k in TENSOR_KEYS}
+                if device.type == "cuda" and cfg.train.channels_last:
+                    batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
+                last_micro = (n_micro + 1) % ga == 0
+                # DDP all-reduces gradients in the backward of the step's last micro-batch only
+                sync = model.no_sync if world > 1 and not last_micro else nullcontext
+                with sync():
+                    with _autocast(device, cfg.train.precision):
+                        loss, stats = model(batch)
+                    check_finite(loss, batch, module, global_step + 1)  # numbered as metrics.jsonl numbers it
+                    (loss / ga).backward()
+                n_micro += 1
+                samples += batch["image"].shape[0]
+                loss_value = loss.item()
+                loss_sum += loss_value
+                step_loss += loss_value / ga
+                for k, v in stats.items():
+                    stats_sum[k] = stats_sum.get(k, 0.0) + float(v)
+                if last_micro:
+                    lr = scheduler.get_last_lr()[0]  # the lr this step uses
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    scheduler.step()
+                    global_step += 1
+                    epoch_steps += 1
+                    module.after_step(global_step / max(1, total_steps))
+                    if rank == 0 and global_step % cfg.train.log_every == 0:
+                        logger.log(
+                            "step",
+                            global_step,
+                            {"loss": step_loss, "lr": lr, **{k: float(v) for k, v in stats.items()}},
+                        )
+                    step_loss = 0.0
+                t_fetch = time.time()
+            elapsed = time.time() - t_epoch
+            tot_samples, tot_time, tot_wait, tot_loss, tot_micro = _allreduce_sum(
+                [samples, elapsed, wait, loss_sum, float(n_micro)], device
+            )
+            metrics: dict[str, Any] = {
+                "epoch": epoch + 1,
+                "global_step": global_step,
+                "train_loss": tot_loss / max(1.0, tot_micro),
+                "lr": lr,
+                "samples_per_s": tot_samples / max(1e-9, tot_time / world),
+                "samples_per_s_worker": samples / max(1e-9, elapsed),
+                "data_wait_frac": tot_wait / max(1e-9, tot_time),
+                **{
+                    f"train_{k}" if k != "logit_scale" and k != "logit_bias" else k: v / max(1, n_micro)
+                    for k, v in stats_sum.items()
+                    if k != "loss"
+                },
+            }
+            if not math.isfinite(metrics["train_loss"]):
+                raise NonFiniteLossError(f"epoch {epoch + 1}: mean training loss is not finite")
+            is_ckpt_epoch = (epoch + 1) % cfg.train.checkpoint_every == 0 or epoch + 1 == cfg.optim.epochs
+            if rank == 0:
+                if center_data is not None:  # first: the validation score sees the embeddings users get
+                    metrics.update(update_center(module, center_data, device))
+                if val_data is not None:
+                    metrics.update(validate(module, val_data, cfg, device))
+                metrics.setdefault("val_score", -metrics["train_loss"])  # no labelled set: rank by loss
+                logger.log("epoch", epoch + 1, metrics)
+                say(
+                    "[xmodal] "
+                    + progress_line(
+                        epoch, cfg.optim.epochs, metrics, time.time() - t_run, epoch + 1 - start_epoch
                     )
-                    ray.train.report(
-                        _reportable(metrics), checkpoint=ray.train.Checkpoint.from_directory(tmp)
-                    )
+                )
+                if is_ckpt_epoch:
+                    with tempfile.TemporaryDirectory() as tmp:
+                        save_checkpoint(
+                            tmp,
+                            cfg,
+                            module,
+                            epoch + 1,
+                            global_step,
+                            optimizer,
+                            scheduler,
+                            {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+                        )
+                        ray.train.report(
+                            _reportable(metrics), checkpoint=ray.train.Checkpoint.from_directory(tmp)
+                        )
+                else:
+                    ray.train.report(_reportable(metrics))
             else:
                 ray.train.report(_reportable(metrics))
-        else:
-            ray.train.report(_reportable(metrics))
-    if logger is not None:
-        logger.close()
+    finally:  # also on an error: the steps before a non-finite loss are what explains it
+        if logger is not None:
+            logger.close()
 
 
 def _reportable(metrics: dict[str, Any]) -> dict[str, Any]:

@@ -138,6 +138,9 @@ def test_benchmark_user_errors_print_one_line(ev, tmp_path: Path, capsys) -> Non
     cases = [
         ([*base, str(tmp_path / "unlabelled")], "none of the 40 gallery particles is labelled"),
         ([*base, str(tmp_path / "lab"), "--gallery-domain", "SEA"], "no particles of gallery domain 'SEA'"),
+        ([*base, str(tmp_path / "lab"), "--combos", "I-X"], "unknown combination 'I-X'"),
+        ([*base, str(tmp_path / "lab"), "--folds", "1"], "need at least 2 folds"),
+        ([*base, str(tmp_path / "nowhere")], "nowhere"),
     ]
     for argv, message in cases:
         assert main(argv) == 2

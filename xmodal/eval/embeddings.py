@@ -23,6 +23,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from xmodal.data.quarantine import DataError
+
 MODALITIES = ("image", "profile")
 _UNLABELLED = {"", "unlabelled", "unlabeled"}
 
@@ -72,7 +74,7 @@ class EmbeddingSet:
             bad = valid & ~np.isfinite(emb).all(axis=1)
             if bad.any():
                 ids = ", ".join(map(str, self.particle_id[bad][:5]))
-                raise ValueError(
+                raise DataError(
                     f"EmbeddingSet: {int(bad.sum())} {m} embeddings contain NaN/inf (particles {ids}); "
                     "the model produced non-finite outputs for them"
                 )
@@ -194,7 +196,7 @@ def _matrix(table: pa.Table, column: str, where: Path) -> tuple[np.ndarray, np.n
         or pa.types.is_large_list(arr.type)
         or pa.types.is_fixed_size_list(arr.type)
     ):
-        raise ValueError(f"{where}: column {column} has type {arr.type}, expected list<float32>")
+        raise DataError(f"{where}: column {column} has type {arr.type}, expected list<float32>")
     valid = arr.is_valid().to_numpy(zero_copy_only=False)
     if not valid.any():
         return np.zeros((n, 0), np.float32), valid
@@ -203,14 +205,14 @@ def _matrix(table: pa.Table, column: str, where: Path) -> tuple[np.ndarray, np.n
     if len(dims) > 1 or (len(dims) == 1 and dims[0] == 0):
         ids = table.column("particle_id").to_numpy(zero_copy_only=False)
         odd = valid & (lengths != (dims.max() if len(dims) else 0))
-        raise ValueError(
+        raise DataError(
             f"{where}: {column} lengths differ between rows ({dims.tolist()}), e.g. particle "
             f"{ids[odd][0] if odd.any() else ids[valid][0]}; every embedding of a column must have one width"
         )
     d = int(dims[0]) if len(dims) else 0
     flat = pc.list_flatten(arr)
     if flat.null_count:
-        raise ValueError(f"{where}: {column} contains null values inside embeddings")
+        raise DataError(f"{where}: {column} contains null values inside embeddings")
     out = np.zeros((n, d), np.float32)
     out[valid] = flat.to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, d)
     return out, valid
@@ -220,7 +222,7 @@ def _read_file(path: Path) -> EmbeddingSet:
     table = pq.read_table(path)
     missing = [c for c in ("particle_id", "label", "domain") if c not in table.column_names]
     if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; is this an `xmodal embed` output?")
+        raise DataError(f"{path}: missing column(s) {missing}; is this an `xmodal embed` output?")
     image, image_valid = _matrix(table, "image_emb", path)
     profile, profile_valid = _matrix(table, "profile_emb", path)
     return EmbeddingSet(
@@ -242,7 +244,7 @@ def load_embeddings(path: str | Path) -> EmbeddingSet:
     ids, counts = np.unique(es.particle_id.astype(str), return_counts=True)
     if (counts > 1).any():
         dup = ids[counts > 1]
-        raise ValueError(
+        raise DataError(
             f"{root}: {len(dup)} particle ids occur more than once (e.g. {', '.join(dup[:3])}); "
             "remove the duplicate shard or re-run `xmodal embed` into an empty folder"
         )

@@ -33,6 +33,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from xmodal.config import ConfigError
+from xmodal.data.quarantine import DataError
 from xmodal.eval.embeddings import EmbeddingSet
 from xmodal.eval.knn import (
     Nearest,
@@ -54,7 +56,7 @@ def parse_combo(combo: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """ "I+P-P" (or the authors' "I+P - P") -> (("image", "profile"), ("profile",))."""
     parts = combo.replace(" ", "").split("-")
     if len(parts) != 2 or parts[0] not in _SIDES or parts[1] not in _SIDES:
-        raise ValueError(
+        raise ConfigError(
             f"unknown combination {combo!r}: use GALLERY-QUERY with each of I, P, I+P, e.g. {COMBOS}"
         )
     return _SIDES[parts[0]], _SIDES[parts[1]]
@@ -188,7 +190,7 @@ def stratified_folds(codes: np.ndarray, folds: int, seed: int) -> np.ndarray:
     """Fold number per particle: each class shuffled (seeded) and dealt round-robin, continuing
     where the previous class stopped, so class and fold sizes differ by at most one."""
     if folds < 2:
-        raise ValueError(f"folds={folds}: need at least 2 folds (or None for no folds)")
+        raise ConfigError(f"folds={folds}: need at least 2 folds (or None for no folds)")
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0xF01D]))
     fold = np.empty(len(codes), dtype=np.int64)
     start = 0
@@ -273,12 +275,14 @@ def run_protocol(
     ks = sorted({int(k)} if isinstance(k, (int, np.integer)) else {int(x) for x in k})
     sizes = sorted({int(n) for n in gallery_sizes})
     if not combos or not sizes or not ks or min(ks) < 1 or min(sizes) < 1 or repeats < 1:
-        raise ValueError(
+        raise ConfigError(
             f"run_protocol: need combos, gallery sizes >= 1, k >= 1, repeats >= 1; got "
             f"{combos}, {sizes}, {ks}, {repeats}"
         )
+    if folds is not None and folds < 2:
+        raise ConfigError(f"folds={folds}: need at least 2 folds (or None for no folds)")
     if queries is not None and folds:
-        raise ValueError(
+        raise ConfigError(
             "run_protocol: folds split one set into gallery/query folds; with a query set given "
             "(split mode) pass folds=None"
         )
@@ -286,7 +290,7 @@ def run_protocol(
     qset = gallery if single else queries
     names = {x for x in gallery.label if x is not None} | {x for x in qset.label if x is not None}
     if not names or not gallery.labelled.any() or not qset.labelled.any():
-        raise ValueError(
+        raise DataError(
             f"run_protocol{f' ({name})' if name else ''}: the gallery and query sets need labelled "
             "particles; got none (labels are null / 'unlabelled')"
         )

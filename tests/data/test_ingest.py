@@ -136,8 +136,9 @@ def test_format_detection(rd: SimpleNamespace, realdata: Path, tmp_path: Path) -
         ingest(tmp_path, tmp_path / "out", fmt="tiff", quiet=True)
 
 
+@pytest.mark.parametrize("class_column", ["Label", "Species", "Taxon", "Category"])
 def test_annotations_with_semicolons_and_a_label_column_read_the_same(
-    rd: SimpleNamespace, tmp_path: Path
+    rd: SimpleNamespace, tmp_path: Path, class_column: str
 ) -> None:
     from xmodal.data.synth import synthesize
 
@@ -145,7 +146,7 @@ def test_annotations_with_semicolons_and_a_label_column_read_the_same(
     lab = tmp_path / "syn" / "LAB"
     _, expected = rd.run(lab, tmp_path / "a")
     rows = list(csv.reader(io.StringIO((lab / "annotations.csv").read_text())))
-    header = ["Label" if h == "class" else h.capitalize() for h in rows[0]]
+    header = [class_column if h == "class" else h.capitalize() for h in rows[0]]
     with open(lab / "annotations.csv", "w", newline="", encoding="utf-8-sig") as f:
         csv.writer(f, delimiter=";").writerows([header, *rows[1:]])
     report, got = rd.run(lab, tmp_path / "b")

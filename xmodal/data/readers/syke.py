@@ -1,7 +1,8 @@
 """SYKE-plankton_CytoSense layout: ``annotations.csv`` (``image,profile,class[,particle_id]``, paths
-relative to the folder, ``/`` or Windows ``\\`` separators; ``;`` or tab separators and a ``label``
-column for ``class`` are accepted; header names compare case- and space-insensitively; UTF-8, or
-cp1252 as Excel on Windows saves it, which the report notes), ``images/``, ``profiles/`` (one CSV per
+relative to the folder, ``/`` or Windows ``\\`` separators; ``;`` or tab separators and a
+``label``, ``species``, ``taxon`` or ``category`` column for ``class`` are accepted; header names
+compare case- and space-insensitively; UTF-8, or cp1252 as Excel on Windows saves it, which the
+report notes), ``images/``, ``profiles/`` (one CSV per
 particle: a header naming the channels, then L rows x C columns in mV). The source name is the
 layout folder's name (``xmodal ingest .`` inside it too), runs of characters other than letters,
 digits, ``_ . -`` replaced by ``_``.
@@ -42,6 +43,7 @@ ANNOTATIONS = "annotations.csv"
 UNLABELLED = {"", "unlabelled", "unlabeled"}
 ROWS_PER_TASK = 256
 HEADER_SAMPLE = 64  # images looked at for a scale-bar header (--crop-header auto)
+CLASS_ALIASES = ("label", "species", "taxon", "category")  # compared as normalize_name gives them
 ANNOTATION_SEPARATORS = (",", ";", "\t")  # ties (a one-column header) go to ","
 
 
@@ -80,8 +82,10 @@ def read_annotations(layout: Path, source: str) -> tuple[list[Row], list[Quarant
             f"{path}: header {header} lacks column(s) {missing}; expected image,profile,class[,particle_id]"
         )
     col = {name: header.index(name) for name in ("image", "profile", "class", "particleid") if name in header}
-    if "class" not in col and "label" in header:
-        col["class"] = header.index("label")
+    if "class" not in col:  # other names for the class column, first found wins
+        alias = next((a for a in CLASS_ALIASES if a in header), None)
+        if alias:
+            col["class"] = header.index(alias)
     rows: list[Row] = []
     bad: list[QuarantineEntry] = []
     first_line: dict[str, int] = {}

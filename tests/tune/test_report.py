@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 
 import pytest
 import torch
 
 from xmodal.config import load_config
-from xmodal.tune.report import epoch_curve, storage_url, write_report
+from xmodal.tune.report import dashboard_command, epoch_curve, storage_url, write_report
 from xmodal.tune.space import load_space
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -94,7 +95,7 @@ def test_report_ranks_trials_and_writes_a_best_config_that_matches_the_checkpoin
     assert all("stopped early" not in r for r in rows[:2] + rows[3:])
     assert "## Parameter importances" in md and "`optim.lr`" in md
     assert f"xmodal pretrain --config {result.best_config}" in md
-    assert f"optuna-dashboard {storage_url(d)}" in md
+    assert f"`{dashboard_command(d)}`" in md
     for png in ("trials.png", "importances.png", "val_curves.png", "best_trials/accuracy_vs_gallery.png"):
         assert (d / png).read_bytes()[:8] == PNG, png
     # the gallery curves cover only trials that have a checkpoint
@@ -113,3 +114,49 @@ def test_report_of_a_study_without_scores(tmp_path, tiny_data, tune_helpers):
     result = write_report(d, study, space, space.base_dict())
     assert result.best is None and result.best_config is None and not (d / "best.yaml").exists()
     assert "need at least 2 scored trials (have 0)" in (d / "sweep_report.md").read_text()
+
+
+def test_interrupted_trials_are_reported_as_such_not_as_finished_failures(tmp_path, tiny_data, tune_helpers):
+    """A trial interrupted twice (the driver died, --resume, died again) and then finished: one
+    finished trial and two interrupted attempts, not three finished with two failures."""
+    from xmodal.tune.runner import DefineByRun, finished_count, reconcile
+
+    space = load_space(tune_helpers.write_space(tmp_path / "space.yaml", tune_helpers.tiny_space(tiny_data)))
+    d = tmp_path / "sw"
+    d.mkdir()
+    study = tune_helpers.scored_study(space, storage_url(d), "s", n=2)
+    define, state = DefineByRun(space), {"interrupted": []}
+    define(study.ask())  # trial 2 runs when the driver dies
+    reconcile(study, state)
+    define(study.ask())  # trial 3 continues trial-0002 and is interrupted too
+    reconcile(study, state)
+    last = study.ask()
+    assert define(last) == {"xmodal_run": "trial-0002"}
+    study.tell(last, 0.9)
+
+    result = write_report(d, study, space, space.base_dict())
+    assert finished_count(study) == 3 and len(result.finished) == 3
+    assert {t.number: t.state for t in result.trials} == {
+        0: "COMPLETE",
+        1: "COMPLETE",
+        2: "INTERRUPTED",
+        3: "INTERRUPTED",
+        4: "COMPLETE",
+    }
+    assert "3 finished (3 with a score), 2 interrupted" in result.summary()
+    md = (d / "sweep_report.md").read_text()
+    assert "5 trials: 3 complete, 2 interrupted" in md and "fail" not in md
+    rows = [line for line in md.splitlines() if line.startswith("| ") and " interrupted " in line]
+    assert [r.split(" | ")[1] for r in rows] == ["2", "3"]
+
+
+def test_study_url_keeps_percent_hash_question_mark_and_space_in_the_sweep_path(tmp_path):
+    import optuna
+
+    d = tmp_path / "my sweeps%20a#b?c"
+    d.mkdir()
+    optuna.create_study(storage=storage_url(d), study_name="s")
+    assert (d / "optuna.db").is_file() and len(list(tmp_path.rglob("*.db"))) == 1
+    assert optuna.load_study(study_name="s", storage=storage_url(d)).study_name == "s"
+    # the printed command runs as printed
+    assert shlex.split(dashboard_command(d)) == ["optuna-dashboard", storage_url(d)]

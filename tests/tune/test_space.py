@@ -266,3 +266,85 @@ def test_space_files_read_numbers_without_a_dot_as_floats(tmp_path):
     base = space.base_dict()
     assert base["optim"]["weight_decay"] == 1e-4 and base["loss"]["kwargs"]["teacher_temp"] == 0.04
     assert isinstance(base["loss"]["kwargs"]["teacher_temp"], float)
+
+
+@pytest.mark.parametrize(
+    "spec, largest",
+    [
+        ({"choice": [2, 5, 3]}, 5),  # a choice has no bounds: its largest value
+        ({"int": [1, 4]}, 4),
+        # a conditional parameter leaves the base's epochs (the default, 4) to the trials without it
+        ({"choice": [1, 2], "when": {"loss.name": "siglip"}}, 4),
+    ],
+)
+def test_asha_gets_the_most_epochs_a_trial_trains(tmp_path, spec, largest):
+    data = copy.deepcopy(SPACE)
+    data["params"]["optim.epochs"] = spec
+    data["fixed"].pop("optim.epochs")
+    space = parse_space(data, tmp_path / "s.yaml")
+    base = space.base_dict()
+    space.validate(base)
+    assert space.largest("optim.epochs", base) == largest
+
+
+def test_asha_gets_the_base_epochs_when_they_are_not_searched(tmp_path):
+    space = parse_space(SPACE, tmp_path / "s.yaml")
+    assert space.largest("optim.epochs", space.base_dict()) == 3
+
+
+def test_grace_period_beyond_the_epochs_is_rejected_before_any_trial(tmp_path):
+    reject(
+        tmp_path,
+        {**SPACE, "search": {"grace_period": 4}},
+        "search.grace_period=4",
+        "optim.epochs, at most 3",
+        "lower search.grace_period",
+    )
+    data = bad(SPACE, **{"fixed/optim.epochs": None, "params/optim.epochs": {"choice": [2, 4]}})
+    space = parse_space({**data, "search": {"grace_period": 4}}, tmp_path / "s.yaml")
+    space.validate(space.base_dict())  # the trials given 4 epochs reach the first rung
+
+
+@pytest.mark.parametrize(
+    "changes, needles",
+    [
+        (
+            {"fixed/train.num_workers": 2, "params/optim.batch_size": {"choice": [96, 100, 127]}},
+            ["params.optim.batch_size", "given 127", "divisible by train.num_workers"],
+        ),
+        (
+            {"params/loss.logit_scale": {"loguniform": [1.0, 150.0]}},
+            ["params.loss.logit_scale", "given 150.0", "loss.max_logit_scale=100"],
+        ),
+        (
+            {"params/loss.logit_scale": None, "fixed/loss.logit_scale": 200.0},
+            ["the base config (base:, fixed:, --set, --gpus-per-trial)", "loss.logit_scale=200"],
+        ),
+        (
+            {"fixed/optim.epochs": None, "params/optim.epochs": {"choice": [0, 2]}},
+            ["params.optim.epochs", "given 0", "optim.epochs must be >= 1"],
+        ),
+    ],
+)
+def test_training_checks_of_every_trial_run_before_any_trial(tmp_path, changes, needles):
+    reject(tmp_path, bad(SPACE, **changes), *needles)
+
+
+def test_gpus_per_trial_workers_are_checked_against_the_searched_batch_sizes(tune_helpers):
+    """What ``xmodal tune --space tune_spaces/wide.yaml --gpus-per-trial 3`` validates."""
+    space = load_space(tune_helpers.repo / "tune_spaces" / "wide.yaml")
+    base = space.base_dict(None, {"train.use_gpu": True, "train.num_workers": 3})
+    with pytest.raises(ConfigError) as e:
+        space.validate(base)
+    assert "params.optim.batch_size: a trial given 256" in str(e.value), str(e.value)
+    assert "train.num_workers x optim.grad_accum = 3 x 1" in str(e.value)
+
+
+def test_a_searched_key_is_not_checked_at_its_base_value(tmp_path):
+    """Every trial sets an unconditional parameter: the base's batch size (128, not divisible by
+    3 workers, and --set may not change a searched key) never trains."""
+    data = bad(SPACE, **{"fixed/train.num_workers": 3, "params/optim.batch_size": {"choice": [63, 66]}})
+    space = parse_space(data, tmp_path / "s.yaml")
+    base = space.base_dict()
+    assert base["optim"]["batch_size"] % 3
+    space.validate(base)

@@ -30,12 +30,12 @@ def test_interrupted_trials_are_failed_and_queued_again_under_their_run(tmp_path
 
     reconcile(study, state)
     assert study.trials[2].state == optuna.trial.TrialState.FAIL and state["interrupted"] == [2]
-    assert finished_count(study, state) == 2
+    assert finished_count(study) == 2
     waiting = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
     assert len(waiting) == 1 and waiting[0].user_attrs["resumes"] == "trial-0002"
 
     reconcile(study, state)  # idempotent: nothing is RUNNING any more
-    assert state["interrupted"] == [2] and finished_count(study, state) == 2
+    assert state["interrupted"] == [2] and finished_count(study) == 2
 
     again = study.ask()
     assert define(again) == {"xmodal_run": "trial-0002"}, "the queued trial must continue the same run folder"
@@ -44,7 +44,7 @@ def test_interrupted_trials_are_failed_and_queued_again_under_their_run(tmp_path
     fresh = study.ask()
     assert define(fresh) == {"xmodal_run": "trial-0004"}
     study.tell(fresh, 0.1)
-    assert finished_count(study, state) == 4
+    assert finished_count(study) == 4
 
 
 def test_a_trial_killed_before_it_was_named_keeps_its_run_name(tmp_path, space, tune_helpers):
@@ -57,6 +57,21 @@ def test_a_trial_killed_before_it_was_named_keeps_its_run_name(tmp_path, space, 
     reconcile(study, state)  # killed again before this one finished: still the same run
     third = study.ask()
     assert DefineByRun(space)(third) == {"xmodal_run": "trial-0001"} and state["interrupted"] == [1, 2]
+    study.tell(third, 0.5)
+    assert finished_count(study) == 2, "the two interrupted attempts of trial-0001 are not finished"
+
+
+def test_zero_trials_are_rejected_not_replaced_by_the_spaces_default(tmp_path, space):
+    with pytest.raises(ConfigError, match="--trials must be >= 1, got 0"):
+        run_sweep(space.path, trials=0, storage_path=tmp_path / "sw")
+    assert not (tmp_path / "sw").exists()
+
+
+def test_gpus_per_trial_are_checked_against_the_batch_size_before_ray_starts(tmp_path, space):
+    """--gpus-per-trial 3 makes 3 workers per trial: the space's batch size 64 cannot be split."""
+    with pytest.raises(ConfigError, match=r"base config .* optim.batch_size=64 must be divisible .* 3 x 1"):
+        run_sweep(space.path, gpus_per_trial=3, storage_path=tmp_path / "sw")
+    assert not (tmp_path / "sw").exists()
 
 
 def test_sweep_folder_is_reused_only_to_resume_the_same_sweep(tmp_path, space, tune_helpers):
@@ -84,7 +99,7 @@ def test_inputs_are_checked_before_ray_starts(tmp_path, space, tune_helpers, tin
         run_sweep(path, overrides=[f"data.train={tmp_path / 'nowhere'}"], storage_path=tmp_path / "sw")
     with pytest.raises(ConfigError, match="give a folder"):
         run_sweep(path, storage_path="s3://bucket/sweeps")
-    with pytest.raises(ConfigError, match="--trials >= 1"):
+    with pytest.raises(ConfigError, match="--concurrent must be >= 1, got 0"):
         run_sweep(path, trials=2, concurrent=0, storage_path=tmp_path / "sw")
     with pytest.raises(ConfigError, match=r"\['optim.lr'\] are searched"):
         run_sweep(path, overrides={"optim.lr": 0.1}, storage_path=tmp_path / "sw")

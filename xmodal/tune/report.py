@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,16 @@ REPORT = "sweep_report.md"
 
 
 def storage_url(sweep_dir: Path) -> str:
-    return f"sqlite:///{sweep_dir / STUDY_FILE}"
+    """The study's SQLAlchemy URL; built, not pasted, because SQLAlchemy reads %xx, # and ? in a
+    URL's path (a folder named ``a%20b`` would otherwise open ``a b``)."""
+    from sqlalchemy.engine import URL
+
+    return URL.create("sqlite", database=str(sweep_dir / STUDY_FILE)).render_as_string(hide_password=False)
+
+
+def dashboard_command(sweep_dir: Path) -> str:
+    """The shell command that opens the study in optuna-dashboard (quoted for paths with spaces)."""
+    return f"optuna-dashboard {shlex.quote(storage_url(sweep_dir))}"
 
 
 def run_name(trial: Any) -> str:
@@ -35,10 +45,25 @@ def run_name(trial: Any) -> str:
     return trial.user_attrs.get("run") or trial.user_attrs.get("resumes") or f"trial-{trial.number:04d}"
 
 
+def interrupted(trials: list[Any]) -> set[int]:
+    """Numbers of the Optuna trials (in number order) a dead driver left running: ``reconcile``
+    failed them and queued their parameters again, so a later trial continues their run
+    (``resumes`` names it). They neither finished nor failed."""
+    out: set[int] = set()
+    continued: set[str] = set()  # runs that a later trial continues
+    for t in reversed(trials):
+        if t.state.name == "FAIL" and run_name(t) in continued:
+            out.add(t.number)
+        if "resumes" in t.user_attrs:
+            continued.add(t.user_attrs["resumes"])
+    return out
+
+
 @dataclass
 class TrialRow:
     number: int
-    state: str  # Optuna's: COMPLETE (incl. stopped early by ASHA), FAIL, PRUNED, RUNNING, WAITING
+    state: str  # Optuna's (COMPLETE incl. stopped early by ASHA, FAIL, PRUNED, RUNNING, WAITING) or
+    # INTERRUPTED: a FAIL left by a dead driver, continued by a later trial (``interrupted``)
     score: float | None  # the last reported val_score (the objective Optuna holds)
     params: dict[str, Any]
     run: str
@@ -65,10 +90,12 @@ class SweepResult:
         return [t for t in self.trials if t.state in ("COMPLETE", "PRUNED", "FAIL")]
 
     def summary(self) -> str:
+        stopped = sum(t.state == "INTERRUPTED" for t in self.trials)
         lines = [
             f"sweep folder:    {self.sweep_dir}",
             f"trials:          {len(self.finished)} finished "
-            f"({sum(t.state == 'COMPLETE' for t in self.trials)} with a score)",
+            f"({sum(t.state == 'COMPLETE' for t in self.trials)} with a score)"
+            + (f", {stopped} interrupted and continued by a later trial" if stopped else ""),
         ]
         if self.best is not None:
             params = ", ".join(f"{k}={_fmt(v)}" for k, v in self.best.params.items())
@@ -80,7 +107,7 @@ class SweepResult:
             ]
         lines += [
             f"report:          {self.report}",
-            f"dashboard:       optuna-dashboard {storage_url(self.sweep_dir)}",
+            f"dashboard:       {dashboard_command(self.sweep_dir)}",
             f"curves:          tensorboard --logdir {self.sweep_dir / RUNS}",
         ]
         return "\n".join(lines)
@@ -119,14 +146,16 @@ def best_checkpoint(run_dir: Path) -> tuple[Path | None, float | None]:
 
 def collect_trials(study: Any, space: Space, runs_dir: Path) -> list[TrialRow]:
     rows = []
-    for t in study.get_trials(deepcopy=False):
+    trials = study.get_trials(deepcopy=False)
+    stopped = interrupted(trials)
+    for t in trials:
         run = run_name(t)
         ckpt, ckpt_score = best_checkpoint(runs_dir / run)
         score = t.value if t.value is not None and math.isfinite(t.value) else None
         rows.append(
             TrialRow(
                 t.number,
-                t.state.name,
+                "INTERRUPTED" if t.number in stopped else t.state.name,
                 score,
                 space.decode(t.params),
                 run,
@@ -360,7 +389,7 @@ def write_report(
     lines += [
         "## Live views",
         "",
-        f"- `optuna-dashboard {storage_url(sweep_dir)}`",
+        f"- `{dashboard_command(sweep_dir)}`",
         f"- `tensorboard --logdir {sweep_dir / RUNS}`",
         "",
     ]

@@ -27,7 +27,16 @@ from typing import Any
 from xmodal.config import ConfigError
 from xmodal.storage import durable
 from xmodal.train.metrics import format_duration
-from xmodal.tune.report import RUNS, STUDY_FILE, SweepResult, run_name, storage_url, write_report
+from xmodal.tune.report import (
+    RUNS,
+    STUDY_FILE,
+    SweepResult,
+    dashboard_command,
+    interrupted,
+    run_name,
+    storage_url,
+    write_report,
+)
 from xmodal.tune.space import Space, load_space
 
 METRIC = "val_score"
@@ -123,7 +132,7 @@ def _load_state(sweep_dir: Path, space: Space, base: dict[str, Any], resume: boo
 
 def reconcile(study: Any, state: dict[str, Any]) -> None:
     """Trials a dead driver left RUNNING: failed in the study, their parameters queued again under
-    the same run name (recorded in ``state`` so they do not count as finished)."""
+    the same run name (so ``report.interrupted`` tells them from failures; listed in ``state``)."""
     from optuna.trial import TrialState
 
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -133,14 +142,14 @@ def reconcile(study: Any, state: dict[str, Any]) -> None:
         print(f"[xmodal] trial {t.number} was interrupted; queued again to continue its run", flush=True)
 
 
-def finished_count(study: Any, state: dict[str, Any]) -> int:
+def finished_count(study: Any) -> int:
     """Trials that ran to their end (scored, stopped early, or failed), not counting interrupted ones."""
     from optuna.trial import TrialState
 
+    trials = study.get_trials(deepcopy=False)
     finished = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-    return sum(
-        1 for t in study.get_trials(deepcopy=False, states=finished) if t.number not in state["interrupted"]
-    )
+    stopped = interrupted(trials)
+    return sum(1 for t in trials if t.state in finished and t.number not in stopped)
 
 
 def connect(address: str | None) -> None:
@@ -228,12 +237,14 @@ def run_sweep(
     import optuna
 
     space = load_space(space_path)
-    trials = trials or space.trials
-    if trials < 1 or concurrent < 1 or gpus_per_trial < 0:
-        raise ConfigError(
-            f"need --trials >= 1, --concurrent >= 1, --gpus-per-trial >= 0; got {trials}, "
-            f"{concurrent}, {gpus_per_trial}"
-        )
+    trials = space.trials if trials is None else trials
+    for flag, value, low in (
+        ("--trials", trials, 1),
+        ("--concurrent", concurrent, 1),
+        ("--gpus-per-trial", gpus_per_trial, 0),
+    ):
+        if value < low:
+            raise ConfigError(f"{flag} must be >= {low}, got {value}")
     if "://" in str(storage_path):
         raise ConfigError(
             f"sweep storage {storage_path}: give a folder (shared by all nodes on a cluster); the "
@@ -255,7 +266,7 @@ def run_sweep(
     storage = optuna.storages.RDBStorage(storage_url(sweep_dir))
     study = optuna.create_study(storage=storage, study_name=name, direction="maximize", load_if_exists=True)
     reconcile(study, state)
-    done = finished_count(study, state)
+    done = finished_count(study)
     remaining = trials - done
     attempt = len(state["attempts"])
     state["attempts"].append(
@@ -268,7 +279,7 @@ def run_sweep(
     else:
         print(f"[xmodal] sweep {name} already has {done} finished trials (asked for {trials})", flush=True)
     result = write_report(sweep_dir, study, space, base, curves_top=curves_top)
-    finished = finished_count(study, state)
+    finished = finished_count(study)
     if finished < trials:
         print(
             f"[xmodal] sweep {name} stopped with {finished}/{trials} trials finished; continue with "
@@ -318,10 +329,9 @@ def _tune(
     searcher = OptunaSearch(
         DefineByRun(space), metric=METRIC, mode="max", sampler=sampler, study_name=name, storage=storage
     )
-    epochs = [p.high for p in space.params if p.key == "optim.epochs"] or [plan.base["optim"]["epochs"]]
     scheduler = ASHAScheduler(
         time_attr="epoch",
-        max_t=int(max(epochs)),
+        max_t=int(space.largest("optim.epochs", plan.base)),  # grace_period <= it: Space.validate
         grace_period=search["grace_period"],
         reduction_factor=search["reduction_factor"],
     )
@@ -331,7 +341,7 @@ def _tune(
     )
     print(
         f"[xmodal] sweep '{name}': {remaining} trial(s) to run ({plan.done}/{plan.total} finished), {concurrent} at a "
-        f"time -> {sweep_dir}\n[xmodal] live view: optuna-dashboard {storage_url(sweep_dir)}",
+        f"time -> {sweep_dir}\n[xmodal] live view: {dashboard_command(sweep_dir)}",
         flush=True,
     )
     tuner = tune.Tuner(

@@ -166,6 +166,51 @@ class Space:
             if p.key.startswith("model.profile_kwargs."):
                 for enc in p.when.get("model.profile_encoder") or every:
                     _check_profile_kwarg(enc, p.key.split(".", 2)[2], f"{self.path}: params.{p.key}")
+        self._check_training(base)
+        epochs, grace = self.largest("optim.epochs", base), self.search["grace_period"]
+        if grace > epochs:
+            raise ConfigError(
+                f"{self.path}: search.grace_period={grace} is more than the most epochs a trial trains "
+                f"(optim.epochs, at most {epochs}); ASHA first compares trials at epoch grace_period: "
+                "lower search.grace_period or raise optim.epochs"
+            )
+
+    def _check_training(self, base: dict[str, Any]) -> None:
+        """The training checks every trial runs at its start (``check_train_config``), before any
+        trial: on the settings all trials share, then on each probed value among them. Every trial
+        sets the unconditional parameters, so the shared settings take their first value (the
+        base's value of a searched key never trains, and --set may not change it)."""
+        from xmodal.train.checks import check_train_config
+
+        first = {p.key: p.probe_values()[0] for p in self.params if not p.when}
+        try:
+            check_train_config(self.config(base, first))
+        except ConfigError as e:
+            # a searched value the message names is the one to change; else the base config is
+            key = next((k for k in first if k in str(e)), None)
+            raise self._training_error(e, key, first.get(key)) from None
+        for p in self.params:
+            for v in p.probe_values():
+                try:
+                    check_train_config(self.config(base, {**first, p.key: v}))
+                except ConfigError as e:
+                    raise self._training_error(e, p.key, v) from None
+
+    def _training_error(self, e: ConfigError, key: str | None, value: Any) -> ConfigError:
+        if key is None:
+            return ConfigError(
+                f"{self.path}: the base config (base:, fixed:, --set, --gpus-per-trial) fails the "
+                f"training checks every trial runs: {e}"
+            )
+        return ConfigError(f"{self.path}: params.{key}: a trial given {value!r} would fail: {e}")
+
+    def largest(self, key: str, base: dict[str, Any]) -> Any:
+        """The largest value ``key`` takes in any trial: the most its parameter can sample (and the
+        base's value too, where a ``when:`` leaves the parameter unsampled), else the base's value."""
+        for p in self.params:
+            if p.key == key:
+                return max([*p.probe_values(), _get_path(base, key)] if p.when else p.probe_values())
+        return _get_path(base, key)
 
     def _possible(self, key: str, base: dict[str, Any]) -> tuple[Any, ...]:
         for p in self.params:

@@ -91,7 +91,9 @@ def cmd_embed(args: argparse.Namespace) -> int:
         args.out,
         batch_size=args.batch_size,
         float16=args.float16,
+        actors=args.actors,
         address=args.address,
+        overwrite=args.overwrite,
     )
     return 0
 
@@ -277,7 +279,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--data", required=True, help="Parquet folder of particles")
     sp.add_argument("--out", required=True)
     sp.add_argument("--batch-size", type=int, default=256)
-    sp.add_argument("--float16", action="store_true")
+    sp.add_argument("--float16", action="store_true", help="store embeddings as float16 (half the size)")
+    sp.add_argument(
+        "--actors",
+        type=_positive_int,
+        help="model actors (default: one per GPU, or half the CPUs); capped at what the cluster can run",
+    )
+    sp.add_argument(
+        "--overwrite", action="store_true", help="delete the embeddings already in --out and start afresh"
+    )
     sp.add_argument("--address")
 
     sp = add("benchmark", cmd_benchmark, "gallery k-NN protocol (the paper's) over embeddings")

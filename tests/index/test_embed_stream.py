@@ -1,15 +1,19 @@
 """Streaming ``embed``: one output shard per input shard, equal to in-process embedding; an
 interrupted run keeps its finished shards and a rerun only embeds what is missing (also new shards
-of a growing archive); another model's output folder is refused."""
+of a growing archive, and shards rewritten since); another model's or dataset's output folder, and
+one inside the data, are refused; float16 output; model actors capped at what the cluster runs."""
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 
-from xmodal.config import load_config
+from xmodal.config import ConfigError, load_config
 from xmodal.data.pipeline import table_to_model_batch
 from xmodal.data.synth import synthesize
 from xmodal.eval import embed as embed_mod
@@ -20,19 +24,22 @@ from xmodal.models.build import build_model
 from xmodal.train.checkpoint import load_checkpoint, save_checkpoint
 
 ROWS = 60
+EXTRA = 10  # particles in none of the shards: a re-ingest adds them to one
 
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory):
-    """Five input shards (one in a sub-folder, one empty) and a random-weights tiny model."""
+    """Five input shards (one in a sub-folder, one empty), EXTRA more particles (extra.parquet),
+    and a random-weights tiny model."""
     root = tmp_path_factory.mktemp("archive")
-    synthesize(root / "syn", n_lab=0, n_sea=0, n_uto=4 * ROWS, seed=0, fmt="parquet", image_size=24)
+    synthesize(root / "syn", n_lab=0, n_sea=0, n_uto=4 * ROWS + EXTRA, seed=0, fmt="parquet", image_size=24)
     table = pq.read_table(root / "syn" / "UTO")
     (root / "data" / "sub").mkdir(parents=True)
     names = ["part-00000.parquet", "part-00001.parquet", "sub/part-00002.parquet", "part-00003.parquet"]
     for i, name in enumerate(names):
         pq.write_table(table.slice(i * ROWS, ROWS), root / "data" / name)
     pq.write_table(table.slice(0, 0), root / "data" / "part-00004.parquet")
+    pq.write_table(table.slice(4 * ROWS), root / "extra.parquet")
     cfg = load_config(None, ["data.image_size=24", "data.profile_length=32", "model.embed_dim=16"])
     torch.manual_seed(0)
     save_checkpoint(root / "ckpt", cfg, build_model(cfg), 0, 0)
@@ -48,10 +55,15 @@ def _in_process(ckpt, shard) -> dict[str, np.ndarray]:
     return embed_arrays(model_from_state(state, torch.device("cpu")), batch, torch.device("cpu"))
 
 
+def _mtimes(out) -> dict[str, int]:
+    return {p.relative_to(out).as_posix(): p.stat().st_mtime_ns for p in out.rglob("*.parquet")}
+
+
 @pytest.mark.slow
 def test_embed_streams_resumes_and_grows(ray_session, archive, tmp_path, monkeypatch, capsys) -> None:
     torch.set_num_threads(1)
-    data, out = archive / "data", tmp_path / "emb"
+    data, out = tmp_path / "data", tmp_path / "emb"
+    shutil.copytree(archive / "data", data)  # this test rewrites shards
     late = data / "part-00003.parquet"
     held_back = late.rename(tmp_path / "late.parquet")  # the archive grows later
 
@@ -95,12 +107,76 @@ def test_embed_streams_resumes_and_grows(ray_session, archive, tmp_path, monkeyp
     assert len(load_embeddings(out)) == 4 * ROWS
     assert embed_mod.CHECKPOINT_KEY == CHECKPOINT_KEY  # the key `xmodal index build` reads
 
-    # run 3: nothing left to do (no Ray work); another model may not write into this folder
-    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")}
+    # run 3: a re-ingest rewrote two shards under their names, one with more rows, one with the
+    # same rows (other bytes): only those are embedded again
+    before = _mtimes(out)
+    pq.write_table(pq.read_table(archive / "extra.parquet"), data / "part-00004.parquet")
+    pq.write_table(
+        pq.read_table(data / "part-00000.parquet"), data / "part-00000.parquet", compression="none"
+    )
+    capsys.readouterr()
+    embed(archive / "ckpt", data, out, batch_size=16)
+    log = capsys.readouterr().out
+    assert "3 of 5 shards already embedded" in log and "2 shard(s) changed since they were embedded" in log
+    after = _mtimes(out)
+    assert sorted(name for name in before if before[name] != after[name]) == [
+        "part-00000.parquet",
+        "part-00004.parquet",
+    ]
+    for name in ("part-00000.parquet", "part-00004.parquet"):
+        got = pq.read_table(out / name)
+        expected = _in_process(archive / "ckpt", data / name)
+        assert (
+            got.column("particle_id").to_pylist()
+            == pq.read_table(data / name).column("particle_id").to_pylist()
+        )
+        np.testing.assert_allclose(
+            np.stack(got.column("image_emb").to_pylist()), expected["image"], atol=1e-5
+        )
+    assert len(load_embeddings(out)) == 4 * ROWS + EXTRA
+
+    # run 4: nothing left to do (no Ray work)
     embed(archive / "ckpt", data, out)
-    assert before == {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")}
+    assert after == _mtimes(out)
+    # refused before any work: another model; another dataset whose shards have the same names;
+    # an --out inside --data (its outputs would be read as particles), or the other way round
     with pytest.raises(FileExistsError, match="--overwrite"):
         embed(archive / "other", data, out)
+    other = tmp_path / "other_data"
+    other.mkdir()
+    shutil.copy(data / "part-00001.parquet", other / "part-00001.parquet")
+    with pytest.raises(FileExistsError, match="belongs to another dataset"):
+        embed(archive / "ckpt", other, out)
+    with pytest.raises(ConfigError, match="overlap"):
+        embed(archive / "ckpt", data, data / "emb")
+    with pytest.raises(ConfigError, match="overlap"):
+        embed(archive / "ckpt", out / "part-00001.parquet", out)
+    assert after == _mtimes(out) and not (data / "emb").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)  # uncapped, 3 CPU actors on the 2-CPU cluster leave none to read: a hang
+def test_float16_output_with_capped_actors(ray_session, archive, tmp_path, capsys) -> None:
+    torch.set_num_threads(1)
+    shard, out = archive / "data" / "part-00001.parquet", tmp_path / "emb16"
+    capsys.readouterr()
+    embed(archive / "ckpt", shard, out, batch_size=16, float16=True, actors=3)
+    assert "3 model actors asked for; using 1" in capsys.readouterr().out
+    assert pq.read_schema(out / shard.name).field("image_emb").type == pa.list_(pa.float16())
+    got, expected = load_embeddings(out), _in_process(archive / "ckpt", shard)
+    assert got.image_valid.all() and got.profile_valid.all()
+    for m in ("image", "profile"):
+        np.testing.assert_allclose(got.emb(m), expected[m], rtol=2e-3, atol=1e-6)  # float16: 11 bits
+
+
+def test_manifest_of_a_run_that_wrote_nothing_does_not_block(archive, tmp_path) -> None:
+    """A float16 run that failed before its first shard (it used to, always) may not lock --out."""
+    ckpt, out = archive / "ckpt" / "checkpoint.pt", tmp_path / "emb"
+    embed_mod._claim_output(out, ckpt, True, False)
+    embed_mod._claim_output(out, ckpt, False, False)
+    pq.write_table(embed_mod.output_schema(False, str(ckpt), "x").empty_table(), out / "part-00000.parquet")
+    with pytest.raises(FileExistsError, match="float16=False"):
+        embed_mod._claim_output(out, ckpt, True, False)
 
 
 def test_cpu_inference_model_is_channels_last_and_the_same_function(archive) -> None:

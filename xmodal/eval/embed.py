@@ -8,7 +8,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -16,9 +16,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from xmodal.config import ConfigError
 from xmodal.data.pipeline import COLUMNS, read_parquet, table_to_model_batch
 from xmodal.data.schema import parquet_files
-from xmodal.eval.embeddings import EmbeddingSet
+from xmodal.eval.embeddings import EmbeddingSet, embedding_column
 from xmodal.eval.progress import ProgressLog
 
 MODEL_KEYS = ("image", "image_meta", "profile", "profile_mask", "profile_meta", "has_image", "has_profile")
@@ -84,9 +85,11 @@ KEEP = ("particle_id", "label", "domain", "path")  # carried past the model into
 def prepare_rows(
     table: pa.Table, image_size: int, profile_length: int, image_norm: str = "fixed"
 ) -> dict[str, np.ndarray]:
-    """Ray Data CPU task: Parquet rows -> model arrays (decode, resize, profile normalisation) plus
-    the id columns. Kept out of the model actors so that decoding runs on every CPU of the cluster
-    in parallel while the actors (one per GPU) only run the model."""
+    """Ray Data map step: Parquet rows -> model arrays (decode, resize, profile normalisation) plus
+    the id columns. With GPU actors it runs as CPU tasks on every CPU of the cluster while the
+    actors (one per GPU) only run the model. Without a GPU, Ray Data fuses it into the model actor
+    pool (both steps ask for one CPU): each CPU actor decodes its own batches, then embeds them,
+    and only the Parquet reads run as separate tasks."""
     batch = table_to_model_batch(table, image_size, profile_length, image_norm=image_norm)
     out = {k: batch[k] for k in MODEL_KEYS}
     for c in KEEP:
@@ -108,8 +111,8 @@ class Embedder:
         state = ray.get(state_ref) if isinstance(state_ref, ray.ObjectRef) else state_ref
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu":
-            # Ray sets one thread per reserved CPU, but CPU model actors reserve half the node (the
-            # rest reads Parquet) and would leave cores idle: each uses its share of all of them.
+            # Ray sets one thread per reserved CPU, but CPU model actors reserve about half the CPUs
+            # (the rest reads Parquet) and would leave cores idle: each uses its share of all of them.
             # 2 cores: 383 vs 298 particles/s with 1 thread (bench/RESULTS.md, archive scale)
             torch.set_num_threads(cpu_threads)
         self.module = model_from_state(state, self.device)
@@ -121,17 +124,33 @@ class Embedder:
         out = {c: pa.array(batch[c].astype(object), pa.string(), mask=batch[f"{c}_null"]) for c in KEEP}
         for m in ("image", "profile"):
             vecs, has = emb[m], np.asarray(batch[f"has_{m}"], bool)
-            values = [None] * n if vecs is None else [v if h else None for v, h in zip(vecs, has)]
-            out[f"{m}_emb"] = pa.array(values, type=pa.list_(self.dtype))
+            if vecs is None:  # the model has no encoder for this modality: every row null
+                vecs, has = np.zeros((n, 0), np.float32), np.zeros(n, bool)
+            out[f"{m}_emb"] = embedding_column(vecs, has, self.dtype)
         return pa.table(out)
 
 
 MANIFEST = "embed.json"
 CHECKPOINT_KEY = b"xmodal.checkpoint"  # Parquet metadata: which model made a shard (read by `xmodal index`)
-SOURCE_KEY = b"xmodal.source"  # ... and from which input shard
+SOURCE_KEY = b"xmodal.source"  # ... from which input shard (its resolved path)
+SOURCE_STAMP_KEY = b"xmodal.source_stamp"  # ... and which version of it (rows and bytes)
 
 
-def output_schema(float16: bool, checkpoint: str, source: str) -> pa.Schema:
+class _Shard(NamedTuple):
+    """One input shard to embed: where its output goes, its rows, and its stamp (see ``_stamp``)."""
+
+    dest: Path
+    rows: int
+    stamp: str
+
+
+def _stamp(rows: int, file: Path) -> str:
+    """What a rerun compares to decide that an output is still that of its input: a shard that
+    ingest rewrote under the same name has other rows or (same rows, other content) other bytes."""
+    return f"{rows} rows, {file.stat().st_size} bytes"
+
+
+def output_schema(float16: bool, checkpoint: str, source: str, stamp: str = "") -> pa.Schema:
     emb = pa.list_(pa.float16() if float16 else pa.float32())
     return pa.schema(
         [
@@ -141,7 +160,11 @@ def output_schema(float16: bool, checkpoint: str, source: str) -> pa.Schema:
             ("image_emb", emb),
             ("profile_emb", emb),
         ],
-        metadata={CHECKPOINT_KEY: checkpoint.encode(), SOURCE_KEY: source.encode()},
+        metadata={
+            CHECKPOINT_KEY: checkpoint.encode(),
+            SOURCE_KEY: source.encode(),
+            SOURCE_STAMP_KEY: stamp.encode(),
+        },
     )
 
 
@@ -153,8 +176,20 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _check_apart(data: Path, out: Path) -> None:
+    """Refuse an output folder inside the input (or the other way round): the next run, and
+    training on that folder, would read the embeddings as particles."""
+    d, o = data.resolve(), out.resolve()
+    if o.is_relative_to(d) or d.is_relative_to(o):
+        raise ConfigError(
+            f"--out {out} and --data {data} overlap: embeddings written there would be read as "
+            "particles by the next run; choose an --out outside --data"
+        )
+
+
 def _claim_output(out: Path, ckpt_file: Path, float16: bool, overwrite: bool) -> None:
-    """Record which model fills ``out``; refuse to mix another model's embeddings into it."""
+    """Record which model fills ``out``; refuse to mix another model's embeddings into it (a
+    manifest alone, of a run that wrote no shard, is replaced)."""
     manifest = {
         "checkpoint": str(ckpt_file.resolve()),
         "checkpoint_sha256": _sha256(ckpt_file),
@@ -169,7 +204,7 @@ def _claim_output(out: Path, ckpt_file: Path, float16: bool, overwrite: bool) ->
         if (
             before.get("checkpoint_sha256") != manifest["checkpoint_sha256"]
             or before.get("float16") != float16
-        ):
+        ) and any(out.rglob("*.parquet")):
             raise FileExistsError(
                 f"{out} holds embeddings of {before.get('checkpoint')} (float16={before.get('float16')}); "
                 f"this run uses {manifest['checkpoint']} (float16={float16}). Use another --out, or --overwrite"
@@ -184,21 +219,69 @@ def _claim_output(out: Path, ckpt_file: Path, float16: bool, overwrite: bool) ->
     path.write_text(json.dumps(manifest, indent=1))
 
 
+def _plan(files: list[Path], data: Path, out: Path) -> tuple[dict[str, _Shard], int, list[str]]:
+    """The input shards to embed, keyed by resolved path: all but those whose output was made from
+    the same version of the same file. Also: how many are done, and the changed ones' names. An
+    output made from another input file means ``out`` holds another dataset: refused."""
+    targets: dict[str, _Shard] = {}
+    changed = []
+    for f in files:
+        source, rows = str(f.resolve()), pq.ParquetFile(f).metadata.num_rows
+        shard = _Shard(out / (f.relative_to(data) if data.is_dir() else f.name), rows, _stamp(rows, f))
+        if shard.dest.exists():
+            meta = pq.read_schema(shard.dest).metadata or {}
+            made_from = meta.get(SOURCE_KEY, b"").decode()
+            if made_from != source:
+                raise FileExistsError(
+                    f"{shard.dest} holds the embeddings of {made_from or 'an unknown file'}, not of {source}: "
+                    f"{out} belongs to another dataset (or the data moved). Use another --out, or --overwrite"
+                )
+            if meta.get(SOURCE_STAMP_KEY, b"").decode() == shard.stamp:
+                continue
+            changed.append(str(shard.dest.relative_to(out)))
+        targets[source] = shard
+    return targets, len(files) - len(targets), changed
+
+
+def _actor_count(actors: int | None, use_gpu: bool, gpus: float, cpus: int) -> int:
+    """Model actors: ``actors``, by default one per GPU, or half the CPUs without GPUs. Every
+    actor reserves one GPU (and a CPU) or one CPU; with too few free the pipeline would wait
+    forever, so GPU actors are capped at the GPUs and CPU actors at the CPUs less one, which the
+    Parquet reads need."""
+    if use_gpu:
+        if gpus < 1:
+            raise ConfigError("use_gpu=True but the Ray cluster has no GPU; leave use_gpu unset")
+        most, what = int(gpus), f"the cluster's {int(gpus)} GPUs"
+    elif cpus < 2:
+        raise ConfigError(
+            f"embedding on CPU needs a Ray cluster of at least 2 CPUs (a model actor and a Parquet reader); "
+            f"this one has {cpus}. Start one with `ray start --head --num-cpus 2` and pass --address auto"
+        )
+    else:
+        most, what = cpus - 1, f"{cpus - 1} of the cluster's {cpus} CPUs (one stays for reading Parquet)"
+    if not actors:
+        return most if use_gpu else max(1, cpus // 2)
+    if actors > most:
+        print(f"[xmodal] embed: {actors} model actors asked for; using {most}, as many as fit on {what}")
+        return most
+    return actors
+
+
 class _ShardOutputs:
     """One output file per input shard, written as ``<name>.tmp`` and renamed once all its rows are
     in: a finished name is always a complete shard, so a rerun can skip it."""
 
-    def __init__(self, targets: dict[str, tuple[Path, int]], float16: bool, checkpoint: str):
+    def __init__(self, targets: dict[str, _Shard], float16: bool, checkpoint: str):
         self.targets, self.float16, self.checkpoint = targets, float16, checkpoint
         self.open: dict[str, tuple[pq.ParquetWriter, Path]] = {}
         self.written: dict[str, int] = {}
 
     def write(self, source: str, table: pa.Table) -> None:
-        dest, expected = self.targets[source]
+        dest, expected, stamp = self.targets[source]
         if source not in self.open:
             tmp = dest.with_name(dest.name + ".tmp")
             tmp.parent.mkdir(parents=True, exist_ok=True)
-            schema = output_schema(self.float16, self.checkpoint, source)
+            schema = output_schema(self.float16, self.checkpoint, source, stamp)
             self.open[source] = (pq.ParquetWriter(tmp, schema, compression="zstd"), tmp)
             self.written[source] = 0
         writer, tmp = self.open[source]
@@ -241,9 +324,11 @@ def embed(
     """Embed every particle of ``data`` (Parquet file or folder) with ``checkpoint`` into ``out``.
 
     Streams: input shard ``data/<rel>`` becomes ``out/<rel>``, written through Ray Data's actor
-    pool with bounded memory (one model per actor, GPU actors when the cluster has GPUs). A rerun
-    skips shards whose output exists (new shards of a growing archive are embedded, done ones
-    are not); an interrupted run loses only the shards in flight. ``overwrite`` starts afresh.
+    pool with bounded memory (one model per actor, GPU actors when the cluster has GPUs; ``actors``
+    is capped at what the cluster can run). A rerun skips shards whose output was made from the
+    same version of the same input file (new shards of a growing archive, and shards rewritten
+    since, are embedded; done ones are not); an interrupted run loses only the shards in flight.
+    ``overwrite`` starts afresh. ``out`` may not lie inside ``data``.
     """
     import ray
 
@@ -255,28 +340,29 @@ def embed(
     ckpt_file = ckpt_path / CKPT_FILE if ckpt_path.is_dir() else ckpt_path
     state = load_checkpoint(ckpt_path)
     root, out = Path(data), Path(out)
+    _check_apart(root, out)
     files = parquet_files(root)
     _claim_output(out, ckpt_file, float16, overwrite)
-    targets: dict[str, tuple[Path, int]] = {}
-    for f in files:
-        dest = out / (f.relative_to(root) if root.is_dir() else f.name)
-        if not dest.exists():
-            targets[str(f.resolve())] = (dest, pq.ParquetFile(f).metadata.num_rows)
-    skipped = len(files) - len(targets)
-    total = sum(n for _, n in targets.values())
+    targets, skipped, changed = _plan(files, root, out)
+    total = sum(t.rows for t in targets.values())
     if skipped:
         print(f"[xmodal] embed: {skipped} of {len(files)} shards already embedded in {out}; skipping them")
+    if changed:
+        print(
+            f"[xmodal] embed: {len(changed)} shard(s) changed since they were embedded "
+            f"(e.g. {changed[0]}); embedding them again"
+        )
     shards = _ShardOutputs(targets, float16, str(ckpt_file.resolve()))
-    for source, (_, n) in targets.items():
-        if n == 0:  # no rows will stream past for it: write its empty output now
+    for source, t in targets.items():
+        if t.rows == 0:  # no rows will stream past for it: write its empty output now
             shards.write(source, output_schema(float16, "", source).empty_table())
-    pending = [s for s, (_, n) in targets.items() if n > 0]
+    pending = [s for s, t in targets.items() if t.rows > 0]
     if pending:
         init_ray(address)
         gpus = ray.cluster_resources().get("GPU", 0)
         use_gpu = gpus > 0 if use_gpu is None else use_gpu
         cpus = int(ray.cluster_resources().get("CPU", 1))
-        n_actors = actors or (int(gpus) if use_gpu else max(1, cpus // 2))
+        n_actors = _actor_count(actors, use_gpu, gpus, cpus)
         ctx = ray.data.DataContext.get_current()
         keep_order = ctx.execution_options.preserve_order
         ctx.execution_options.preserve_order = True  # shards finish one after another: few open at once

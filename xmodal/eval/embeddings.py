@@ -134,7 +134,7 @@ class EmbeddingSet:
         )
 
 
-def _list_column(emb: np.ndarray, valid: np.ndarray, dtype: pa.DataType) -> pa.Array:
+def embedding_column(emb: np.ndarray, valid: np.ndarray, dtype: pa.DataType) -> pa.Array:
     n, d = emb.shape
     values = pa.array(emb[valid].reshape(-1).astype(dtype.to_pandas_dtype()), type=dtype)
     offsets = np.zeros(n + 1, dtype=np.int32)
@@ -149,8 +149,8 @@ def embeddings_table(es: EmbeddingSet, float16: bool = False) -> pa.Table:
             "particle_id": pa.array(es.particle_id.tolist(), type=pa.string()),
             "label": pa.array(es.label.tolist(), type=pa.string()),
             "domain": pa.array(es.domain.tolist(), type=pa.string()),
-            "image_emb": _list_column(es.image_emb, es.image_valid, dtype),
-            "profile_emb": _list_column(es.profile_emb, es.profile_valid, dtype),
+            "image_emb": embedding_column(es.image_emb, es.image_valid, dtype),
+            "profile_emb": embedding_column(es.profile_emb, es.profile_valid, dtype),
         }
     )
 

@@ -75,3 +75,14 @@ def test_a_local_clusters_workers_run_at_normal_priority():
         shutil.rmtree(tmp, ignore_errors=True)
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"nice {os.nice(0)}" in out.stdout.splitlines()
+
+
+def test_a_local_cluster_is_sized_by_ray_or_the_affinity_mask(recorded_init, monkeypatch):
+    """Ray reads a container's CPU quota; os.cpu_count() counts the host's CPUs, so it is not passed.
+    An affinity mask narrower than the machine (taskset) Ray does not read: it is passed."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    init_ray()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    init_ray()
+    assert [c["num_cpus"] for c in recorded_init] == [None, 2]

@@ -8,7 +8,8 @@ from typing import Any
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: Any) -> None:
-    """Idempotent. With no address and no RAY_ADDRESS, start a local cluster (CPUs of this machine).
+    """Idempotent. With no address and no RAY_ADDRESS, start a local cluster of the CPUs this
+    process may use (``num_cpus`` to choose).
 
     Inside ``ray job submit`` Ray sets RAY_ADDRESS, so the same command joins the cluster unchanged.
     """
@@ -39,7 +40,19 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: 
         # beside `make demo` on 2 cores, its first epoch had not ended after 7 min. At nice 0 the
         # job started from this shell shares the CPU fairly (`ray job submit` does the same).
         os.environ.setdefault("RAY_worker_niceness", "0")
-        ray.init(num_cpus=num_cpus or os.cpu_count(), **ctx_kwargs)
+        ray.init(num_cpus=num_cpus or _affinity_cpus(), **ctx_kwargs)
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = os.environ.get("XMODAL_PROGRESS_BARS") == "1"
+
+
+def _affinity_cpus() -> int | None:
+    """CPUs of this process's affinity mask where it is narrower than the machine (taskset, cpusets),
+    which Ray does not read; else None: Ray sizes the cluster itself and reads a container's CPU
+    quota, where ``os.cpu_count()`` counts the host's (64 on a 2-CPU container of a 64-core host
+    would start 32 embedding actors)."""
+    try:
+        allowed = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return None
+    return allowed if allowed < (os.cpu_count() or allowed) else None

@@ -87,14 +87,36 @@ def test_one_ray_version_everywhere():
     assert 'pip install -q "$HOME/xmodal-src[gpu,dashboard]"' in aws_config()["setup_commands"]
 
 
-def test_runtime_env_uploads_source_only():
+def uploaded(root: Path, tmp_path: Path) -> set[str]:
+    """The files ``ray job submit --working-dir ROOT --runtime-env cluster/runtime_env.yaml`` zips,
+    by Ray's own packaging code (what the job's copy of the repository will hold)."""
+    import zipfile
+
+    from ray._private.runtime_env.packaging import create_package
+
+    target = tmp_path / f"{root.name}.zip"
+    create_package(str(root), target, include_gitignore=True, excludes=load("runtime_env.yaml")["excludes"])
+    return {n for n in zipfile.ZipFile(target).namelist() if not n.endswith("/")}
+
+
+def test_runtime_env_uploads_the_source_and_no_data(tmp_path):
     env = load("runtime_env.yaml")
-    for pattern in (".git/", ".venv/", "data/", "runs/", "sweeps/", "demo_out/", "*.parquet"):
-        assert pattern in env["excludes"], pattern
     assert "pip" not in env and "conda" not in env, "pins live in pyproject.toml (the image), not per job"
     from ray.runtime_env import RuntimeEnv
 
     RuntimeEnv(**env)  # Ray accepts every field
+    # Excludes are .gitignore patterns: an unanchored "data/" also dropped the package xmodal/data/,
+    # so every job imported xmodal.data from wherever else it could (or failed)
+    repo_files = uploaded(REPO, tmp_path)
+    source = {str(f.relative_to(REPO)) for d in ("xmodal", "configs", "tune_spaces") for f in (REPO / d).rglob("*")}
+    source = {f for f in source if (REPO / f).is_file() and "__pycache__" not in f}
+    assert "xmodal/data/schema.py" in source and not source - repo_files, sorted(source - repo_files)[:5]
+    tree = tmp_path / "repo"  # the top-level outputs a laptop run leaves beside the source
+    for rel in ("xmodal/data/a.py", "data/LAB/part-00000.parquet", "data/raw/x.csv", "runs/r/metrics.jsonl",
+                "sweeps/s/optuna.db", "demo_out/data/UTO/y.csv", "build/lib/z.py", "emb/e.parquet"):
+        (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tree / rel).write_text("x")
+    assert uploaded(tree, tmp_path) == {"xmodal/data/a.py"}
 
 
 def shell_commands(markdown: str) -> list[str]:

@@ -42,8 +42,16 @@ test: bytecode
 test-fast: bytecode
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
+# The issues' CPU benchmarks at laptop sizes (each prints its ratio against a plain baseline); the
+# GPU one is bench/gpu_check.sh, the accuracy studies (bench_logit_scale, bench_embed_options) take
+# their runs as arguments (bench/RESULTS.md), and the 1M-particle archive is `bench_scale.py
+# --particles 1000000` (~45 min).
 bench: install
-	for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+	$(BIN)/python bench/bench_synth.py
+	$(BIN)/python bench/bench_ingest.py
+	$(BIN)/python bench/bench_knn.py
+	$(BIN)/python bench/bench_train.py
+	$(BIN)/python bench/bench_scale.py --particles 20000 --scale 100000
 
 lint: install
 	$(BIN)/ruff check xmodal tests bench

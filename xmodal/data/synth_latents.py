@@ -15,6 +15,7 @@ import numpy as np
 from xmodal.data.synth_species import DomainStyle, Species
 
 MAX_CELLS = 16
+DETRITUS_MIN_UM = 0.0
 
 
 @dataclass
@@ -79,7 +80,7 @@ def sample_species(sp: Species, index: int, n: int, style: DomainStyle, rng: np.
     """Latents of ``n`` particles of species ``sp`` under the acquisition conditions of ``style``."""
     size = sp.size * style.size_scale * np.exp(rng.normal(0.0, sp.size_sd * style.size_spread, size=(n, 1)))
     if sp.morph == "detritus":  # irregular aggregates: every piece has its own size
-        size = size * np.exp(rng.normal(0.0, 0.35, size=(n, MAX_CELLS)))
+        size = np.maximum(size * np.exp(rng.normal(0.0, 0.35, size=(n, MAX_CELLS))), DETRITUS_MIN_UM)
     aspect = sp.aspect * np.exp(rng.normal(0.0, 0.08, size=(n, 1)))
     a = np.broadcast_to(size / 2.0, (n, MAX_CELLS)).copy()
     b = a / aspect

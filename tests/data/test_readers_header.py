@@ -5,13 +5,14 @@
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from xmodal.data.readers.header import detect_header
+from xmodal.data.readers.header import MIN_IMAGES, detect_header, too_few_images
 
 HEADER = 25
 
@@ -58,6 +59,14 @@ def test_no_header_is_claimed_without_evidence(images) -> None:
     assert detect_header(images) == 0
 
 
+def test_too_few_images_says_how_many_it_had() -> None:
+    crop = np.vstack([draw_header(40), np.full((30, 40), 180, np.uint8)])
+    assert too_few_images([crop] * (MIN_IMAGES - 1)) == MIN_IMAGES - 1
+    assert too_few_images([crop] * MIN_IMAGES) is None  # enough to decide
+    assert too_few_images([crop] * 3 + [crop[:10]] * 9) == 3  # too short to hold a header: not counted
+    assert too_few_images([]) is None  # a source without images has no header to miss
+
+
 def _png(a: np.ndarray) -> bytes:
     b = io.BytesIO()
     Image.fromarray(a).save(b, format="PNG")
@@ -76,7 +85,7 @@ def test_ingest_finds_and_cuts_the_header_by_default(rd, tmp_path: Path) -> None
         f.write_bytes(_png(np.vstack([draw_header(a.shape[1]), a])))
 
     report, rows = rd.run(tmp_path / "raw", tmp_path / "out")
-    assert report.domains["LAB"].crop_header_px == {"LAB": HEADER}
+    assert report.domains["LAB"].crop_header_px == {"LAB": HEADER} and report.domains["LAB"].notes == []
     assert report.options["crop_header_px"] == "auto" and report.seen == report.ingested == 40
     assert len(rows) == 40
     by_image = {Image.open(io.BytesIO(r["image"])).tobytes(): r for r in rows.values()}
@@ -94,11 +103,34 @@ def test_ingest_leaves_crops_without_a_header_whole(rd, tmp_path: Path) -> None:
 
     synthesize(tmp_path / "raw", 40, 0, 0, seed=4, fmt="syke", image_size=32, header_px=0)
     report, rows = rd.run(tmp_path / "raw", tmp_path / "out")
-    assert report.domains["LAB"].crop_header_px == {"LAB": 0}
+    assert report.domains["LAB"].crop_header_px == {"LAB": 0} and report.domains["LAB"].notes == []
     heights = sorted(
         np.asarray(Image.open(f)).shape[0] for f in (tmp_path / "raw" / "LAB" / "images").iterdir()
     )
     assert sorted(r["image_height"] for r in rows.values()) == heights
+
+
+def test_a_source_too_small_to_decide_is_noted(rd, tmp_path: Path) -> None:
+    from xmodal.data.synth import synthesize
+
+    synthesize(tmp_path / "raw", 5, 0, 0, seed=4, fmt="syke", image_size=32)  # the band drawn on top
+    report, rows = rd.run(tmp_path / "raw", tmp_path / "out")
+    assert report.domains["LAB"].crop_header_px == {"LAB": 0} and len(rows) == 5
+    (note,) = report.domains["LAB"].notes
+    assert note == (
+        "LAB: too few images (5) to detect a scale-bar header; pass --crop-header N if the crops carry one"
+    )
+    assert f"note: {note}" in report.summary()
+    saved = json.loads((tmp_path / "out" / "ingest_report.json").read_text())
+    assert saved["domains"]["LAB"]["notes"] == [note]
+    told, _ = rd.run(tmp_path / "raw", tmp_path / "told", crop_header_px=HEADER)  # no auto detection: no note
+    assert told.domains["LAB"].notes == []
+
+
+def test_readers_without_a_header_get_no_note(cefas_ingested) -> None:
+    report, _ = cefas_ingested  # CytoClus: 4 images, but its crops never carry a header
+    assert report.options["crop_header_px"] == "auto"
+    assert all(not d.notes for d in report.domains.values())
 
 
 def test_cli_takes_auto_or_a_row_count() -> None:

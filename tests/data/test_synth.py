@@ -13,10 +13,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from xmodal.config import ConfigError
+from xmodal.data.readers.header import MAX_ROWS
+from xmodal.data.readers.validate import ReaderOptions, check_image, check_profile
 from xmodal.data.schema import CHANNELS, SCHEMA, make_record, records_to_table
 from xmodal.data.synth import encode_png, generate_chunks, particle_table, synthesize
-from xmodal.data.synth_image import HEADER_PX, scale_bar_header, um_per_px
-from xmodal.data.synth_latents import sample_latents
+from xmodal.data.synth_image import HEADER_PX, MIN_IMAGE_SIZE, scale_bar_header, um_per_px
+from xmodal.data.synth_latents import DETRITUS_MIN_UM, sample_latents
 from xmodal.data.synth_profile import round_sig
 from xmodal.data.synth_species import DETRITUS, DOMAINS, catalogue, class_weights
 
@@ -293,17 +296,33 @@ def test_sea_is_shifted_against_lab():
     assert stats["SEA"][2] < stats["LAB"][2]  # smaller cells of the same species
 
 
-def test_bad_arguments_are_explained(tmp_path):
-    with pytest.raises(ValueError, match="unknown format 'tiff'"):
-        synthesize(tmp_path, 1, 1, 1, fmt="tiff")
-    with pytest.raises(ValueError, match="SEA must be >= 0"):
-        synthesize(tmp_path, 1, -1, 1)
-    with pytest.raises(ValueError, match="n_species must be >= 2"):
-        synthesize(tmp_path, 1, 1, 1, n_species=1)
-    with pytest.raises(ValueError, match="image_size"):
-        synthesize(tmp_path, 1, 1, 1, image_size=8)
-    with pytest.raises(ValueError, match="header_px must be 0"):
-        synthesize(tmp_path, 1, 1, 1, header_px=5)
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"fmt": "tiff"}, "unknown format 'tiff'"),
+        ({"n_sea": -1}, "SEA must be >= 0"),
+        ({"n_species": 1}, "n_species must be >= 2"),
+        ({"image_size": 8}, "image_size must be >= 16"),
+        ({"header_px": 5}, "header_px must be 0"),
+        ({"header_px": MAX_ROWS}, f"header_px must be 0 .*got {MAX_ROWS}"),  # ingest would never find it
+        ({"seed": -1}, "seed must be >= 0"),
+    ],
+)
+def test_bad_arguments_are_config_errors_and_write_nothing(tmp_path, kwargs, message):
+    args = {"n_lab": 1, "n_sea": 1, "n_uto": 1, **kwargs}
+    with pytest.raises(ConfigError, match=message):
+        synthesize(tmp_path / "out", **args)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("option", [["--image-size", "8"], ["--lab", "-1"], ["--header-px", "5"],
+                                    ["--species", "1"], ["--seed", "-1"], ["--header-px", "64"]])  # fmt: skip
+def test_cli_prints_one_line_for_bad_arguments(tmp_path, capsys, option):
+    from xmodal.cli import main
+
+    assert main(["synth", str(tmp_path / "x"), "--lab", "1", "--sea", "0", "--uto", "0", *option]) != 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and "synth:" in err
 
 
 def test_empty_domains_are_skipped(tmp_path):
@@ -324,6 +343,46 @@ def test_rerun_replaces_earlier_output_and_refuses_foreign_folders(tmp_path, cap
     with pytest.raises(FileExistsError, match="not written by xmodal synth"):
         synthesize(foreign, 5, 0, 0)
     assert (foreign / "LAB" / "notes.txt").read_text() == "mine"
+
+
+def test_an_interrupted_run_leaves_a_folder_the_next_run_replaces(tmp_path, monkeypatch):
+    import xmodal.data.synth as synth
+
+    def fail_in_sea(out, domain, *args):
+        if domain == "SEA":
+            raise KeyboardInterrupt  # Ctrl-C (or a full disk) after LAB was written
+        return write(out, domain, *args)
+
+    write = synth._write_parquet
+    monkeypatch.setattr(synth, "_write_parquet", fail_in_sea)
+    with pytest.raises(KeyboardInterrupt):
+        synthesize(tmp_path, 5, 5, 0, fmt="parquet")
+    assert any((tmp_path / "LAB").iterdir())
+    assert json.loads((tmp_path / "synth.json").read_text())["complete"] is False
+    monkeypatch.undo()
+    summary = synthesize(tmp_path, 4, 0, 0, fmt="parquet")
+    assert summary["complete"] is True and json.loads((tmp_path / "synth.json").read_text()) == summary
+    assert pq.read_table(sorted((tmp_path / "LAB").glob("*.parquet"))).num_rows == 4
+    assert not (tmp_path / "SEA").exists()
+
+
+@pytest.mark.parametrize(
+    "image_size,seed,domain",  # each gave one tiny detritus particle that ingest quarantined as empty_image
+    [(16, 7, "SEA"), (16, 14, "UTO"), (24, 10, "UTO"), (32, 11, "UTO")],
+)
+def test_every_synthetic_particle_passes_the_ingest_checks(image_size, seed, domain):
+    species = catalogue(12)
+    opts = ReaderOptions()
+    for lat, images, profiles in generate_chunks(domain, 512, seed, image_size, species):
+        detritus = lat.species == len(species) - 1
+        assert (lat.ca[detritus, 0] >= DETRITUS_MIN_UM / 2).all()
+        for img, prof in zip(images, profiles):
+            check_image(encode_png(img), opts)  # raises Rejected("empty_image") for an invisible particle
+            check_profile(prof, CHANNELS)
+
+
+def test_the_detritus_floor_spans_two_pixels_at_the_coarsest_pitch():
+    assert DETRITUS_MIN_UM >= 2 * um_per_px(MIN_IMAGE_SIZE)
 
 
 @pytest.mark.parametrize("image_size,n_species", [(32, 12), (128, 20), (64, 3)])

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from xmodal.config import ConfigError
 from xmodal.data.schema import N_CHANNELS
 from xmodal.models.profile import ProfileLSTM, ProfileTransformer
 from xmodal.models.summary import IMAGE_ENCODER_NAMES, forward_flops, model_table
@@ -49,3 +50,25 @@ def test_table_lists_the_paper_encoders_and_every_profile_encoder() -> None:
     assert by_name["lstm"]["gflops"] == pytest.approx(
         sum(2 * 48 * 2 * 4 * 128 * (n + 128) for n in (N_CHANNELS, 256)) / 1e9, abs=1e-4
     )
+
+
+def test_an_encoder_that_cannot_take_the_size_gets_a_row_saying_so() -> None:
+    rows = model_table(24, 16, image_encoders=("resnet10t", "convnext_femto"))  # convnext needs >= 32 px
+    by_name = {r["name"]: r for r in rows}
+    femto = by_name["convnext_femto"]
+    assert femto["input"] == "cannot take 24 px"
+    assert [femto[k] for k in ("out_dim", "params", "params_m", "gflops")] == ["-"] * 4
+    assert by_name["resnet10t"]["input"] == "1x24x24" and by_name["resnet10t"]["params"] > 0
+    assert {"cnn", "lstm", "transformer"} <= set(by_name)
+    assert all(list(r) == list(rows[0]) for r in rows)
+
+
+def test_cli_prints_one_line_for_a_bad_profile_length(capsys) -> None:
+    from xmodal.cli import main
+
+    with pytest.raises(ConfigError, match="--profile-length must be >= 1"):
+        model_table(32, 0, image_encoders=())
+    assert main(["models", "--profile-length", "0"]) != 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "--profile-length must be >= 1 (got 0)" in err

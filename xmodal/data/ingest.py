@@ -36,7 +36,7 @@ import pyarrow.compute as pc
 from xmodal.data.channels import ChannelMap
 from xmodal.data.quarantine import DataError, Quarantine, QuarantineEntry
 from xmodal.data.readers import DEFAULT_MAX_PIXELS, Batch, ReaderOptions, Task, detect_format, get_reader
-from xmodal.data.readers.header import detect_header
+from xmodal.data.readers.header import detect_header, too_few_images
 from xmodal.data.readers.validate import pil_pixel_limit, set_pil_pixel_limit
 from xmodal.data.schema import ShardWriter, records_to_table
 
@@ -256,7 +256,9 @@ def _ingest_domain(
     writer = ShardWriter(tmp, max_shard_bytes=max_shard_bytes)
     try:
         for source, path in sources:
-            source_opts = _header_options(reader, path, source, opts, auto_header, quiet)
+            source_opts, header_note = _header_options(reader, path, source, opts, auto_header, quiet)
+            if header_note:
+                report.notes.append(header_note)
             report.crop_header_px[source] = source_opts.crop_header_px
             for table, entries, seen, channels, notes in runner.run(
                 reader.iter_work(path, source, name, source_opts)
@@ -295,12 +297,21 @@ def _ingest_domain(
 
 def _header_options(
     reader: Any, path: Path, source: str, opts: ReaderOptions, auto: bool, quiet: bool
-) -> ReaderOptions:
+) -> tuple[ReaderOptions, str | None]:
     """``opts`` with the source's scale-bar header height when ``auto`` (readers whose crops carry
-    no header, CytoClus and cyz2json, have no ``sample_images``: 0)."""
+    no header, CytoClus and cyz2json, have no ``sample_images``: 0), and a note for the report when
+    the source has too few images to tell whether its crops carry a header."""
     if not auto or not hasattr(reader, "sample_images"):
-        return opts
-    rows = detect_header(reader.sample_images(path))
+        return opts, None
+    images = reader.sample_images(path)
+    few = too_few_images(images)
+    note = None
+    if few is not None:
+        note = (
+            f"{source}: too few images ({few}) to detect a scale-bar header; "
+            "pass --crop-header N if the crops carry one"
+        )
+    rows = detect_header(images)
     if rows and not quiet:
         print(
             f"ingest {source}: the images share a {rows}-px scale-bar header; cropping it "
@@ -308,7 +319,7 @@ def _header_options(
             file=sys.stderr,
             flush=True,
         )
-    return dataclasses.replace(opts, crop_header_px=rows)
+    return dataclasses.replace(opts, crop_header_px=rows), note
 
 
 def ingest(

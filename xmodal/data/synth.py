@@ -13,10 +13,14 @@ Output layouts:
 * ``fmt="parquet"``: ``out/<DOMAIN>/part-*.parquet`` rows of ``xmodal.data.schema`` (PNG bytes), the
   crops without a header, as ``xmodal ingest`` gives them once it has cut it.
 
-Both also write ``out/synth.json`` (species, domains, counts). A particle's Parquet ``particle_id`` is
-``<DOMAIN>:<DOMAIN>_<index>`` with ``source`` = the domain folder: exactly what ``xmodal ingest`` gives
-the same particle read from the SYKE layout. Generation runs in fixed chunks, each with its own
-generator derived from ``(seed, domain, chunk)``, so the bytes written depend only on the arguments.
+Both also write ``out/synth.json`` (species, domains, counts): first a provisional one with
+``"complete": false`` before any domain is written, so that the next run into ``out`` may replace the
+folders of an interrupted or failed run, then the full summary with ``"complete": true``.
+
+A particle's Parquet ``particle_id`` is ``<DOMAIN>:<DOMAIN>_<index>`` with ``source`` = the domain
+folder: exactly what ``xmodal ingest`` gives the same particle read from the SYKE layout. Generation
+runs in fixed chunks, each with its own generator derived from ``(seed, domain, chunk)``, so the
+bytes written depend only on the arguments.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import csv
 import functools
 import json
+import os
 import shutil
 import struct
 import sys
@@ -37,8 +42,17 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from xmodal.config import ConfigError
+from xmodal.data.readers.header import MAX_ROWS as MAX_HEADER_ROWS
 from xmodal.data.schema import CHANNELS, N_CHANNELS, SCHEMA, ShardWriter
-from xmodal.data.synth_image import HEADER_PX, MIN_HEADER_PX, render_images, scale_bar_header, um_per_px
+from xmodal.data.synth_image import (
+    HEADER_PX,
+    MIN_HEADER_PX,
+    MIN_IMAGE_SIZE,
+    render_images,
+    scale_bar_header,
+    um_per_px,
+)
 from xmodal.data.synth_latents import Latents, sample_latents
 from xmodal.data.synth_profile import render_profiles
 from xmodal.data.synth_species import DETRITUS, DOMAINS, Species, catalogue, class_weights
@@ -211,6 +225,31 @@ def _with_progress(domain: str, n: int, chunks: Iterator, every_s: float = 2.0) 
                   f"ETA {(n - done) / rate:.0f} s", file=sys.stderr)  # fmt: skip
 
 
+def _check_arguments(sizes: dict[str, int], seed: int, fmt: str, image_size: int, header_px: int) -> None:
+    """Refuse bad arguments before anything is written (``ConfigError``: the CLI prints one line)."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"synth: unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if seed < 0:
+        raise ConfigError(f"synth: seed must be >= 0 (got {seed})")
+    if image_size < MIN_IMAGE_SIZE:
+        raise ConfigError(f"synth: image_size must be >= {MIN_IMAGE_SIZE} px (got {image_size})")
+    if header_px and not MIN_HEADER_PX <= header_px < MAX_HEADER_ROWS:
+        raise ConfigError(
+            f"synth: header_px must be 0 (no header) or {MIN_HEADER_PX}..{MAX_HEADER_ROWS - 1} (got {header_px}); "
+            f"ingest does not look for a scale-bar header of {MAX_HEADER_ROWS} rows or more"
+        )
+    for domain, n in sizes.items():
+        if n < 0:
+            raise ConfigError(f"synth: particle count for {domain} must be >= 0 (got {n})")
+
+
+def _write_summary(out: Path, summary: dict[str, Any]) -> None:
+    """``out/synth.json``, replaced in one step so that it is never half written."""
+    tmp = out / "synth.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(tmp, out / "synth.json")
+
+
 def synthesize(
     out: str | Path,
     n_lab: int,
@@ -230,26 +269,22 @@ def synthesize(
     replaced. ``progress`` prints periodic lines (done, rate, ETA) to stderr. ``header_px``: height of
     the scale-bar band drawn on top of every SYKE-layout crop (0: none); Parquet rows never carry it.
     """
-    if fmt not in FORMATS:
-        raise ValueError(f"synth: unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if image_size < 16:
-        raise ValueError(f"synth: image_size must be >= 16 px (got {image_size})")
-    if header_px and header_px < MIN_HEADER_PX:
-        raise ValueError(f"synth: header_px must be 0 (no header) or >= {MIN_HEADER_PX} (got {header_px})")
     sizes = {"LAB": n_lab, "SEA": n_sea, "UTO": n_uto}
-    for d, n in sizes.items():
-        if n < 0:
-            raise ValueError(f"synth: particle count for {d} must be >= 0 (got {n})")
+    _check_arguments(sizes, seed, fmt, image_size, header_px)
+    species = catalogue(n_species)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    species = catalogue(n_species)
     if fmt == "parquet":
         writer, header_px = _write_parquet, 0
     else:
         writer = functools.partial(_write_syke, header_px=header_px, um_px=um_per_px(image_size))
-    domains: dict[str, Any] = {}
     for domain in sizes:
         _prepare_domain(out, domain)
+    # a provisional synth.json before any domain is written: a run that is interrupted or fails
+    # leaves it ("complete": false), so the next run into ``out`` may clear what this one wrote
+    run = {"format": fmt, "seed": seed, "image_size": image_size, "header_px": header_px}
+    _write_summary(out, {**run, "complete": False})
+    domains: dict[str, Any] = {}
     for domain, n in sizes.items():
         if n == 0:
             continue
@@ -262,14 +297,12 @@ def synthesize(
             "classes": {s.name: counts[s.name] for s in species if counts[s.name]},
         }
     summary = {
-        "format": fmt,
-        "seed": seed,
-        "image_size": image_size,
-        "header_px": header_px,
+        **run,
+        "complete": True,
         "species": [s.name for s in species],
         "detritus": DETRITUS,
         "absent_from_lab": [s.name for s in species if not s.in_lab],
         "domains": domains,
     }
-    (out / "synth.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _write_summary(out, summary)
     return summary

@@ -24,6 +24,7 @@ import numpy as np
 from xmodal.data.synth_latents import Latents
 from xmodal.data.synth_species import DomainStyle
 
+MIN_IMAGE_SIZE = 16  # px: the smallest image_size synth accepts (the coarsest pixel pitch)
 MIN_SIDE_FRACTION = 4  # the smallest crop is image_size // 4 px
 MARGIN_PX = 5.0  # background kept around the particle's bounding box
 BATCH = 64  # crops rendered together (keeps the working arrays in cache)

@@ -15,7 +15,10 @@ import numpy as np
 from xmodal.data.synth_species import DomainStyle, Species
 
 MAX_CELLS = 16
-DETRITUS_MIN_UM = 0.0
+# Smallest first piece of a detritus particle, µm: 2 px at the coarsest pixel pitch the generator
+# uses (synth_image.um_per_px(MIN_IMAGE_SIZE) = 2 µm; not imported: synth_image imports this module).
+# The other pieces keep their free sizes (crumbs of a bigger aggregate).
+DETRITUS_MIN_UM = 4.0
 
 
 @dataclass
@@ -80,7 +83,10 @@ def sample_species(sp: Species, index: int, n: int, style: DomainStyle, rng: np.
     """Latents of ``n`` particles of species ``sp`` under the acquisition conditions of ``style``."""
     size = sp.size * style.size_scale * np.exp(rng.normal(0.0, sp.size_sd * style.size_spread, size=(n, 1)))
     if sp.morph == "detritus":  # irregular aggregates: every piece has its own size
-        size = np.maximum(size * np.exp(rng.normal(0.0, 0.35, size=(n, MAX_CELLS))), DETRITUS_MIN_UM)
+        size = size * np.exp(rng.normal(0.0, 0.35, size=(n, MAX_CELLS)))
+        # a product of log-normals has no lower bound: a particle of only sub-pixel pieces renders
+        # as an empty crop that ingest quarantines, so its first piece (always drawn) gets a floor
+        size[:, 0] = np.maximum(size[:, 0], DETRITUS_MIN_UM)
     aspect = sp.aspect * np.exp(rng.normal(0.0, 0.08, size=(n, 1)))
     a = np.broadcast_to(size / 2.0, (n, MAX_CELLS)).copy()
     b = a / aspect

@@ -23,6 +23,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from xmodal.config import ConfigError
+
 MORPHS = ("single", "chain", "filament", "colony", "ring", "detritus")
 DETRITUS = "detritus"
 
@@ -90,7 +92,7 @@ def catalogue(n_species: int = 12) -> list[Species]:
     fixed generator, so a catalogue is a function of ``n_species`` alone.
     """
     if n_species < 2:
-        raise ValueError(f"synth: n_species must be >= 2 (got {n_species}); the world needs pairs of taxa")
+        raise ConfigError(f"synth: n_species must be >= 2 (got {n_species}); the world needs pairs of taxa")
     species = list(_DESIGNED[:n_species])
     rng = np.random.default_rng(20260317)
     while len(species) < n_species:

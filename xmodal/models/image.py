@@ -15,6 +15,7 @@ import timm
 import torch
 from torch import nn
 
+from xmodal.config import ConfigError
 from xmodal.models.registries import IMAGE_ENCODERS
 
 IN_CHANS = 1  # the instruments' images are grayscale
@@ -84,7 +85,7 @@ def feature_width(model: nn.Module, name: str, image_size: int) -> int:
         with torch.no_grad():
             out = model(torch.zeros(1, IN_CHANS, image_size, image_size))
     except Exception as e:
-        raise ValueError(
+        raise ConfigError(
             f"image encoder '{name}' cannot take {image_size}x{image_size} inputs (data.image_size): {e}"
         ) from e
     finally:

@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from xmodal.config import ConfigError
 from xmodal.data.schema import N_CHANNELS
 from xmodal.models.image import IN_CHANS, build_backbone
 from xmodal.models.registries import IMAGE_ENCODERS, PROFILE_ENCODERS
@@ -82,17 +83,29 @@ def _row(kind: str, name: str, shape: str, out_dim: int, params: int, flops: int
     }
 
 
+# the numbers of an image encoder that cannot take the image size
+_NO_NUMBERS = {"out_dim": "-", "params": "-", "params_m": "-", "gflops": "-"}
+
+
 def model_table(
     image_size: int, profile_length: int, image_encoders: tuple[str, ...] | None = None
 ) -> list[dict[str, Any]]:
     """One row per encoder (every registered profile encoder with default settings, the paper's
-    image encoders plus any registered ones): parameters and forward FLOPs for one input."""
+    image encoders plus any registered ones): parameters and forward FLOPs for one input. An image
+    encoder that cannot take ``image_size`` inputs gets a row saying so, with "-" for its numbers."""
+    for option, value in (("--image-size", image_size), ("--profile-length", profile_length)):
+        if value < 1:
+            raise ConfigError(f"models: {option} must be >= 1 (got {value})")
     rows = []
     names = (
         image_encoders if image_encoders is not None else IMAGE_ENCODER_NAMES + tuple(IMAGE_ENCODERS.names())
     )
     for name in names:
-        model, out_dim = build_backbone(name, image_size)
+        try:
+            model, out_dim = build_backbone(name, image_size)
+        except ConfigError:  # feature_width: the model cannot take image_size x image_size inputs
+            rows.append({**_row("image", name, f"cannot take {image_size} px", 0, 0, 0), **_NO_NUMBERS})
+            continue
         flops = forward_flops(model, torch.zeros(1, IN_CHANS, image_size, image_size))
         rows.append(
             _row("image", name, f"{IN_CHANS}x{image_size}x{image_size}", out_dim, count_params(model), flops)

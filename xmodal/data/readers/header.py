@@ -28,14 +28,28 @@ MIN_RANGE = 96  # gray levels between the drawing's darkest and brightest pixels
 MAX_WIDTH = 64  # columns compared, from the left edge, where the bar and its label sit
 
 
+def _comparable(images: Sequence[np.ndarray]) -> tuple[list[np.ndarray], int]:
+    """The images ``detect_header`` compares (2-D, tall enough for a header above some content, as
+    wide as the columns compared) and the number of columns compared (0 if there are no images)."""
+    imgs = [a for a in images if a.ndim == 2 and a.shape[0] > 2 * MIN_ROWS]
+    if not imgs:
+        return [], 0
+    width = int(min(MAX_WIDTH, np.percentile([a.shape[1] for a in imgs], 10)))
+    return [a for a in imgs if a.shape[1] >= width], width
+
+
+def too_few_images(images: Sequence[np.ndarray]) -> int | None:
+    """How many of ``images`` ``detect_header`` could compare when that is too few to decide (it then
+    claims no header, whether or not the crops carry one); None when there are none or enough."""
+    n = len(_comparable(images)[0])
+    return n if 0 < n < MIN_IMAGES else None
+
+
 def detect_header(images: Sequence[np.ndarray]) -> int:
     """Rows to crop off the top of every image of a source: the height of a header drawn identically
-    into ``images`` (2-D uint8 gray arrays, a sample of the source's crops), or 0 if there is none."""
-    imgs = [a for a in images if a.ndim == 2 and a.shape[0] > 2 * MIN_ROWS]
-    if len(imgs) < MIN_IMAGES:
-        return 0
-    width = int(min(MAX_WIDTH, np.percentile([a.shape[1] for a in imgs], 10)))
-    imgs = [a for a in imgs if a.shape[1] >= width]
+    into ``images`` (2-D uint8 gray arrays, a sample of the source's crops), or 0 if there is none
+    (also when there are fewer than ``MIN_IMAGES`` to compare: see ``too_few_images``)."""
+    imgs, width = _comparable(images)
     if width < MIN_ROWS or len(imgs) < MIN_IMAGES:
         return 0
     rows = 0

@@ -90,7 +90,7 @@ def test_text_fields_take_the_override_as_written(text):
 def test_a_number_for_a_text_field_in_a_file_says_how_to_quote_it(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("train:\n  name: 123\n")
-    with pytest.raises(ConfigError, match="train.name: expected str, got 123 .quote it"):
+    with pytest.raises(ConfigError, match="train.name: expected str, got 123 .YAML read a number: quote the text"):
         load_config(p)
     assert load_config(None, ["train.name='a b'"]).train.name == "a b"
 

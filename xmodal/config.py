@@ -207,7 +207,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return value
     if tp is str and isinstance(value, str):
         return value
-    hint = f" (quote it in YAML: '{value}')" if tp is str and isinstance(value, (int, float)) else ""
+    read_as_number = tp is str and isinstance(value, (int, float))
+    hint = " (YAML read a number: quote the text as you wrote it)" if read_as_number else ""
     raise ConfigError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}{hint}")
 
 

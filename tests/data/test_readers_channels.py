@@ -123,3 +123,12 @@ def test_a_repeated_channel_name_is_an_error_only_if_it_is_used() -> None:
     np.testing.assert_array_equal(plan.apply(m), m[[0, 1, 5, 6, 7, 8]].astype(np.float32))
     with pytest.raises(DataError, match=r"channel\(s\) \['FWS'\] appear more than once"):
         ChannelMap().resolve(BEADS + ["FWS"], "beads")
+
+
+def test_a_file_mixing_utf8_and_cp1252_lines_keeps_its_utf8_lines() -> None:
+    from xmodal.data.readers.delimited import decode_text
+
+    raw = "image,class\nä.png,Chaetoceros_ä\n".encode() + "ö.png,Skeletonema_ö\n".encode("cp1252")
+    text, encoding = decode_text(raw)
+    assert text.splitlines() == ["image,class", "ä.png,Chaetoceros_ä", "ö.png,Skeletonema_ö"]
+    assert encoding == "cp1252" and decode_text("ä\n".encode()) == ("ä\n", "utf-8")

@@ -245,3 +245,13 @@ def test_a_profile_lacking_a_channel_stops_the_ingest_naming_file_and_channel(
     report, rows = rd.run(layout, tmp_path / "out2", crop_header_px=0, fill_missing=True)
     assert (report.ingested, report.quarantined) == (2, 0)
     assert rows["LAB:images/1.png"]["channel_mask"] == [True, True, True, True, False, True]
+
+
+def test_channel_names_the_table_does_not_know_stop_the_ingest(rd: SimpleNamespace, tmp_path: Path) -> None:
+    """Unknown names are an instrument to map (--channel-map), not a damaged header: an error naming
+    the file, not every particle quarantined."""
+    unknown = b"Chan A,Chan B,Chan C\n1,2,3\n"
+    layout = write_layout(tmp_path / "LAB", [unknown, unknown])
+    for fill_missing in (False, True):
+        with pytest.raises(DataError, match=r"profiles/0\.csv: .*no column for canonical channel"):
+            rd.run(layout, tmp_path / f"out{fill_missing}", crop_header_px=0, fill_missing=fill_missing)

@@ -191,3 +191,19 @@ def test_cpu_inference_model_is_channels_last_and_the_same_function(archive) -> 
     got, ref = embed_arrays(fast, batch, cpu), embed_arrays(plain.eval(), batch, cpu)
     for m in ("image", "profile"):
         np.testing.assert_allclose(got[m], ref[m], rtol=0, atol=1e-5)
+
+
+def test_outputs_from_before_source_stamps_are_kept_when_their_rows_match(tmp_path) -> None:
+    """Embeddings written before outputs recorded their source's rows and bytes: a rerun after the
+    upgrade skips them when the row count matches (a full re-embed of an archive otherwise)."""
+    data, out = tmp_path / "data", tmp_path / "emb"
+    data.mkdir()
+    out.mkdir()
+    for name, rows in (("a.parquet", 3), ("b.parquet", 2)):
+        pq.write_table(pa.table({"x": list(range(rows))}), data / name)
+        meta = embed_mod.output_schema(False, "ckpt", str((data / name).resolve())).metadata
+        meta = {k: v for k, v in meta.items() if k != embed_mod.SOURCE_STAMP_KEY}
+        pq.write_table(pa.table({"particle_id": ["0", "1", "2"]}).replace_schema_metadata(meta), out / name)
+    targets, skipped, changed = embed_mod._plan(sorted(data.glob("*.parquet")), data, out)
+    assert skipped == 1 and changed == ["b.parquet"]  # b has 2 input rows but 3 embedded
+    assert [t.dest.name for t in targets.values()] == ["b.parquet"]

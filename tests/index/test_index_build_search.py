@@ -182,6 +182,11 @@ def test_ivf_on_small_data_keeps_rows_to_train_on(ix, tmp_path) -> None:
         build_index(tiny, tmp_path / "x", BuildOptions(exact_max=0, approx="ivf-pq"))
     with pytest.raises(ConfigError, match="lower --nlist to at most 26"):
         build_index(tmp_path / "emb", tmp_path / "x", BuildOptions(exact_max=0, nlist=2000))
+    # a train_size below 39 per list is raised to it (the sample is drawn that large), not refused
+    meta = build_index(
+        tmp_path / "emb", tmp_path / "small_train", BuildOptions(exact_max=0, nlist=8, train_size=50)
+    )
+    assert meta["params"]["train_size"] == 39 * 8
 
 
 def test_parquet_results_have_one_schema(ix, tmp_path) -> None:

@@ -74,8 +74,18 @@ DEFAULT_CHANNEL_MAP: tuple[tuple[str, str], ...] = (
 )
 
 class NoChannelHeader(DataError):
-    """A header in which not one canonical channel can be found: a missing or damaged header line
-    (a data problem of that file), not an instrument whose channels need mapping."""
+    """A first line of numbers where the header should be: a file without its header line (a data
+    problem of that file), not an instrument whose channel names need mapping."""
+
+
+def _looks_like_data(field: str) -> bool:
+    """A header field that is a number or empty: the "header" is a line of data (no header line)."""
+    text = field.strip().replace(",", ".")
+    try:
+        float(text)
+    except ValueError:
+        return not text
+    return True
 
 
 _SPACE = re.compile(r"[\s_.-]+")
@@ -194,13 +204,13 @@ class ChannelMap:
         dupes = sorted({names[i] for i, k in enumerate(keys) if k in used and keys.count(k) > 1})
         if dupes:
             raise DataError(f"{where}: channel(s) {dupes} appear more than once; cannot tell which to use")
-        if len(missing) == len(CHANNELS):
+        if len(missing) == len(CHANNELS) and all(_looks_like_data(n) for n in names):
             raise NoChannelHeader(
                 f"{where}: not one canonical channel {list(CHANNELS)} can be filled from the columns "
                 f"{list(names)}{self._unknown_hint(names)}; is the header line missing or damaged? "
                 f"It must name the channels (or map them with --channel-map FILE)."
             )
-        if missing and not fill_missing:
+        if missing and (not fill_missing or len(missing) == len(CHANNELS)):  # all zeros is no profile
             raise DataError(
                 f"{where}: no column for canonical channel(s) {missing}; the file has {list(names)}"
                 f"{self._unknown_hint(names)}. Map a column with --channel-map FILE (YAML 'column name: "

@@ -236,7 +236,14 @@ def _plan(files: list[Path], data: Path, out: Path) -> tuple[dict[str, _Shard], 
                     f"{shard.dest} holds the embeddings of {made_from or 'an unknown file'}, not of {source}: "
                     f"{out} belongs to another dataset (or the data moved). Use another --out, or --overwrite"
                 )
-            if meta.get(SOURCE_STAMP_KEY, b"").decode() == shard.stamp:
+            stamp = meta.get(SOURCE_STAMP_KEY)
+            # outputs written before stamps existed: the same row count means done
+            done = (
+                pq.ParquetFile(shard.dest).metadata.num_rows == rows
+                if stamp is None
+                else stamp.decode() == shard.stamp
+            )
+            if done:
                 continue
             changed.append(str(shard.dest.relative_to(out)))
         targets[source] = shard

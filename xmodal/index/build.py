@@ -93,7 +93,8 @@ def _sample_size(upper: int, o: BuildOptions) -> int:
         return 0
     if o.approx == "hnsw":
         return o.holdout
-    return o.holdout + (o.train_size or 50 * (o.nlist or int(round(4 * math.sqrt(upper)))))
+    nlist = o.nlist or int(round(4 * math.sqrt(upper)))
+    return o.holdout + max(o.train_size or 50 * nlist, _min_train(o.approx, nlist))
 
 
 def _scan(files: list[Path], kind: str, want: int, seed: int, log: ProgressLog) -> _Scan:

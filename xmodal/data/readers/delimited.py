@@ -55,15 +55,25 @@ class Rows:
 
 
 def decode_text(raw: bytes) -> tuple[str, str]:
-    """Bytes -> (text, encoding used): UTF-8 (a BOM is dropped), else cp1252 (Windows "ANSI"), else
-    latin-1 (which decodes any byte, so nothing is ever replaced by U+FFFD)."""
+    """Bytes -> (text, "utf-8" or "cp1252"): UTF-8 (a BOM is dropped); else line by line, UTF-8
+    where a line is UTF-8 (a file edited in two programs keeps its UTF-8 lines) and cp1252
+    (Windows "ANSI") or, for its five unassigned bytes, latin-1 where not: nothing is ever
+    replaced by U+FFFD."""
     raw = raw[len(BOM) :] if raw.startswith(BOM) else raw
+    try:
+        return raw.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError:
+        pass
+    return "\n".join(_decode_legacy(line) for line in raw.split(b"\n")), "cp1252"
+
+
+def _decode_legacy(line: bytes) -> str:
     for encoding in ("utf-8", "cp1252"):
         try:
-            return raw.decode(encoding), encoding
+            return line.decode(encoding)
         except UnicodeDecodeError:
             pass
-    return raw.decode("latin-1"), "latin-1"
+    return line.decode("latin-1")
 
 
 def decode_line(raw: bytes) -> str:

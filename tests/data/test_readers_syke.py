@@ -218,6 +218,8 @@ def test_source_name_of_dot_and_of_a_folder_with_a_space(
     report, rows = rd.run(Path("."), tmp_path / "out", crop_header_px=0)
     assert list(report.domains) == ["LAB_2024"] and list(rows) == ["LAB_2024:images/0.png"]
     assert rows["LAB_2024:images/0.png"]["source"] == "LAB_2024"
+    report, rows = rd.run(write_layout(tmp_path / "Utö", [plain_profile()]), tmp_path / "out2", crop_header_px=0)
+    assert list(report.domains) == ["Uto"] and list(rows) == ["Uto:images/0.png"]  # the SYKE station
 
 
 def test_windows_backslash_paths_are_read_and_still_cannot_escape(

@@ -11,6 +11,7 @@ particle ids), independently of what the checks decided, so that ingest can veri
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,5 +33,7 @@ Task = Callable[[], Batch]
 
 
 def safe_name(text: str) -> str:
-    """A source / default domain name from a file name: runs of other characters become '_'."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")
+    """A source / default domain name from a file name: accents dropped (``Utö`` -> ``Uto``), then
+    runs of characters other than letters, digits, ``_ . -`` become '_'."""
+    plain = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", plain).strip("_")

@@ -134,6 +134,11 @@ class ChannelPlan:
                 out[c] += m[i]
         return out.astype(np.float32)
 
+    def used_keys(self) -> set[str]:
+        """The normalized names of the file channels this plan reads (a name repeated among them
+        is ambiguous; one repeated elsewhere is harmless)."""
+        return {normalize_name(self.source_names[i]) for idx in self.sources for i in idx}
+
     def describe(self) -> dict[str, Any]:
         """For the ingest report: which file channels fed each canonical channel, and which were unused."""
         used: set[int] = {i for idx in self.sources for i in idx}
@@ -200,7 +205,8 @@ class ChannelMap:
             if not chosen:
                 missing.append(canonical)
             sources.append(chosen)
-        used = {keys[i] for idx in sources for i in idx}
+        plan = ChannelPlan(tuple(names), tuple(sources), tuple(bool(s) for s in sources))
+        used = plan.used_keys()
         dupes = sorted({names[i] for i, k in enumerate(keys) if k in used and keys.count(k) > 1})
         if dupes:
             raise DataError(f"{where}: channel(s) {dupes} appear more than once; cannot tell which to use")
@@ -216,7 +222,7 @@ class ChannelMap:
                 f"{self._unknown_hint(names)}. Map a column with --channel-map FILE (YAML 'column name: "
                 f"canonical'), or pass --fill-missing to zero-fill the channel and mark it in channel_mask."
             )
-        return ChannelPlan(tuple(names), tuple(sources), tuple(bool(s) for s in sources))
+        return plan
 
     def _unknown_hint(self, names: Iterable[str]) -> str:
         known = {p for parts, _, _ in self.entries for p in parts}

@@ -229,7 +229,8 @@ def _plan(files: list[Path], data: Path, out: Path) -> tuple[dict[str, _Shard], 
         source, rows = str(f.resolve()), pq.ParquetFile(f).metadata.num_rows
         shard = _Shard(out / (f.relative_to(data) if data.is_dir() else f.name), rows, _stamp(rows, f))
         if shard.dest.exists():
-            meta = pq.read_schema(shard.dest).metadata or {}
+            done_file = pq.ParquetFile(shard.dest)  # one footer read gives its metadata and rows
+            meta = done_file.schema_arrow.metadata or {}
             made_from = meta.get(SOURCE_KEY, b"").decode()
             if made_from != source:
                 raise FileExistsError(
@@ -239,7 +240,7 @@ def _plan(files: list[Path], data: Path, out: Path) -> tuple[dict[str, _Shard], 
             stamp = meta.get(SOURCE_STAMP_KEY)
             # outputs written before stamps existed: the same row count means done
             done = (
-                pq.ParquetFile(shard.dest).metadata.num_rows == rows
+                done_file.metadata.num_rows == rows
                 if stamp is None
                 else stamp.decode() == shard.stamp
             )

@@ -1,5 +1,6 @@
-"""The training settings checked before anything starts (``xmodal pretrain``, each Tune trial, and
-each worker): a bad value fails at once with its key named, not after Ray starts or an epoch ends."""
+"""The training settings checked before anything starts (``xmodal pretrain`` before Ray starts,
+``build_trainer`` where each Tune trial starts, and a sweep's validation): a bad value fails at once
+with its key named, not after Ray starts or an epoch ends."""
 
 from __future__ import annotations
 

@@ -13,7 +13,6 @@ import torch
 
 from xmodal.config import Config, config_from_dict
 from xmodal.train.checkpoint import load_checkpoint, save_checkpoint
-from xmodal.train.checks import check_train_config
 from xmodal.train.metrics import MetricsLogger, progress_line
 from xmodal.train.optim import build_optimizer, build_scheduler
 
@@ -65,7 +64,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from xmodal.train.validate import update_center, validate
 
     cfg: Config = config_from_dict(loop_config["cfg"])
-    check_train_config(cfg)  # build_trainer checked it; a loop started some other way is checked here
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.train.seed + rank)

@@ -219,7 +219,7 @@ def build_particles(
     opts: ReaderOptions,
 ) -> Batch:
     out: list[Item] = []
-    used = {normalize_name(names[i]) for idx in plan.sources for i in idx}
+    used = plan.used_keys()
     for u in items:
         if isinstance(u, QuarantineEntry):
             out.append(u)

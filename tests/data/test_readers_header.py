@@ -143,3 +143,74 @@ def test_cli_takes_auto_or_a_row_count() -> None:
     for bad in ("-3", "top"):
         with pytest.raises(SystemExit):
             parse(["ingest", "src", "out", "--crop-header", bad])
+
+
+def foreign_crops(
+    n: int = 64,
+    seed: int = 0,
+    align: str = "left",
+    noise: float = 0.0,
+    margin: float = 12.0,
+    background: float = 230.0,
+    jpeg: int | None = None,
+    header: bool = True,
+) -> list[np.ndarray]:
+    """Crops as another generator might draw them: smooth backgrounds at one level, a particle with
+    a background margin around it, the bar and its label at the left, right or centre of the band."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        h, w = int(rng.integers(40, 160)), int(rng.integers(60, 160))
+        img = np.full((h, w), background)
+        yy, xx = np.mgrid[:h, :w]
+        ry, rx = max(h / 2 - margin, 4), max(w / 2 - margin, 4)
+        img[((yy - h / 2) / ry) ** 2 + ((xx - w / 2) / rx) ** 2 < 1] = 70
+        if header:
+            band = np.full((HEADER, w), 255.0)
+            x0 = {"left": 4, "right": w - 30, "centre": w // 2 - 13}[align]
+            band[8:11, x0 : x0 + 18] = 0  # the bar
+            band[13:20, x0 : x0 + 26 : 3] = 20  # its label
+            img = np.vstack([band, img])
+        img = np.clip(np.rint(img + rng.normal(0, noise, img.shape)), 0, 255).astype(np.uint8)
+        if jpeg:
+            b = io.BytesIO()
+            Image.fromarray(img).save(b, format="JPEG", quality=jpeg)
+            img = np.asarray(Image.open(b))
+        out.append(img)
+    return out
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},  # smooth background: 12 more rows are shared below the band (cut 37 before)
+        {"margin": 45},  # shared rows run past 64 (the header was kept whole before)
+        {"align": "right"},
+        {"align": "centre"},
+        {"noise": 3.0},  # noise drawn over the band too
+        {"noise": 1.0, "jpeg": 75},  # JPEG ringing around the label
+        {"background": 30},  # dark crops under a light band
+    ],
+    ids=["smooth", "deep-margin", "right", "centre", "noisy-band", "jpeg", "dark-crops"],
+)
+def test_another_generators_header_is_cut_at_its_height(kwargs) -> None:
+    assert detect_header(foreign_crops(**kwargs)) == HEADER
+
+
+def test_a_band_as_light_as_the_background_keeps_the_rows_below_its_drawing() -> None:
+    # the band's empty rows below the label look like the crops' own white margin: they are left
+    assert detect_header(foreign_crops(background=255)) == 20
+
+
+def test_a_shared_shading_is_not_a_header() -> None:
+    # fixed-size canvases lit unevenly the same way, no band: every top row is the same in all
+    rng = np.random.default_rng(3)
+    canvases = []
+    for _ in range(64):
+        a = np.tile(240 - 150 * np.linspace(0, 1, 64), (64, 1))
+        yy, xx = np.mgrid[:64, :64]
+        cy, cx = rng.uniform(40, 56, 2)
+        a[(yy - cy) ** 2 + (xx - cx) ** 2 < 100] = 60
+        canvases.append(np.clip(np.rint(a + rng.normal(0, 0.5, a.shape)), 0, 255).astype(np.uint8))
+    assert detect_header(canvases) == 0
+    assert detect_header(foreign_crops(header=False)) == 0

@@ -7,10 +7,12 @@ metadata. Measured on an independent generator that draws it: LAB I+P-I+P at n =
 84.8 % to 90.3 % once it was cropped (bench/RESULTS.md, "Scale-bar header").
 
 The header is found as what no particle image can produce: the same pixels, row by row from the
-top, in nearly every image of the source (drawn by software at a fixed place), with the structure
-of a drawing (dark bar or text on a bright band). Rows of plain background are never the same in
-that sense, because sensor noise and each crop's own background level differ. A flat band (a
-noise-free synthetic background) is refused, so a source without a header is never cropped.
+top, in nearly every image of the source (drawn by software at a fixed place: at the left edge, the
+right edge or the centre), holding a drawing (a dark bar or label on a light band, or the reverse)
+on a band of one level. Rows of noisy background are never the same in that sense, and a source
+without a drawing (flat or shaded backgrounds, however alike) is never cropped. A smooth,
+noise-free background is the same in every crop down to where the particles begin, so the header
+ends where uniform rows at the crops' background level begin, not where the shared rows end.
 """
 
 from __future__ import annotations
@@ -23,9 +25,13 @@ MIN_IMAGES = 8  # fewer readable images say nothing about a source
 MAX_ROWS = 64  # a header this tall or taller is not a scale bar: refuse rather than crop particles
 MIN_ROWS = 8
 SHARE = 0.9  # of the sampled images must hold the same row
-TOLERANCE = 1.5  # mean absolute difference (gray levels) from the row's median across images
-MIN_RANGE = 96  # gray levels between the drawing's darkest and brightest pixels
-MAX_WIDTH = 64  # columns compared, from the left edge, where the bar and its label sit
+PIXEL_TOL = 12  # gray levels a pixel may differ from the row's median across images (noise, JPEG ringing)
+ROW_SHARE = 0.9  # of a row's pixels within PIXEL_TOL for the row to be the same as the median's
+DRAWING = 64  # gray levels between a drawing's pixels (bar, label) and the band's own level
+MIN_DRAWING_PX = 6
+BAND_SHARE = 0.5  # of the header's pixels at the band's level: a drawing is sparse on a uniform band
+LEVEL_TOL = 8  # gray levels from the band's level that still count as the band
+MAX_WIDTH = 64  # columns compared, at the left edge, the right edge and the centre
 
 
 def _comparable(images: Sequence[np.ndarray]) -> tuple[list[np.ndarray], int]:
@@ -48,22 +54,58 @@ def too_few_images(images: Sequence[np.ndarray]) -> int | None:
 def detect_header(images: Sequence[np.ndarray]) -> int:
     """Rows to crop off the top of every image of a source: the height of a header drawn identically
     into ``images`` (2-D uint8 gray arrays, a sample of the source's crops), or 0 if there is none
-    (also when there are fewer than ``MIN_IMAGES`` to compare: see ``too_few_images``)."""
+    (also when there are fewer than ``MIN_IMAGES`` to compare: see ``too_few_images``). The bar and
+    its label may sit at the left edge, the right edge or the centre of the crops."""
     imgs, width = _comparable(images)
     if width < MIN_ROWS or len(imgs) < MIN_IMAGES:
         return 0
-    rows = 0
+    windows = (
+        [a[:, :width] for a in imgs],
+        [a[:, a.shape[1] - width :] for a in imgs],
+        [a[:, (a.shape[1] - width) // 2 : (a.shape[1] - width) // 2 + width] for a in imgs],
+    )
+    return max(_header_rows([w.astype(np.float32) for w in cols]) for cols in windows)
+
+
+def _shared_rows(cols: list[np.ndarray]) -> int:
+    """How many rows from the top are the same in nearly every image (up to ``MAX_ROWS``)."""
     for r in range(MAX_ROWS):
-        # only images with content below row r: a header is never the whole crop
-        have = [a[r, :width] for a in imgs if a.shape[0] > r + MIN_ROWS]
+        have = [a[r] for a in cols if a.shape[0] > r + MIN_ROWS]  # a header is never the whole crop
         if len(have) < MIN_IMAGES:
-            break
-        stack = np.stack(have).astype(np.float32)
-        diff = np.abs(stack - np.median(stack, axis=0)).mean(axis=1)
-        if (diff <= TOLERANCE).mean() < SHARE:
-            break
-        rows = r + 1
-    if rows < MIN_ROWS or rows >= MAX_ROWS:
+            return r
+        stack = np.stack(have)
+        same = (np.abs(stack - np.median(stack, axis=0)) <= PIXEL_TOL).mean(axis=1) >= ROW_SHARE
+        if same.mean() < SHARE:
+            return r
+    return MAX_ROWS
+
+
+def _header_rows(cols: list[np.ndarray]) -> int:
+    """The header's height in one window of columns. The shared rows bound it, but a smooth,
+    noise-free background is shared too, down to where the particles begin: the rows below the
+    header are told apart as uniform rows at the crops' background level (``_plain``)."""
+    shared = _shared_rows(cols)
+    if shared < MIN_ROWS:
         return 0
-    band = np.median(np.stack([a[:rows, :width] for a in imgs]).astype(np.float32), axis=0)
-    return rows if float(band.max() - band.min()) >= MIN_RANGE else 0
+    band = np.median(np.stack([a[:shared] for a in cols if a.shape[0] >= shared]), axis=0)
+    level = float(np.median(band[:MIN_ROWS]))  # the band's own level: a drawing is sparse on it
+    background = float(np.median([np.median(a[-MIN_ROWS:]) for a in cols]))  # crops' bottom margins
+    end = shared
+    while end > 0 and _plain(band[end - 1], level, abs(background - level) <= LEVEL_TOL):
+        end -= 1
+    drawn = np.abs(band[:end] - level) >= DRAWING
+    if int(drawn.sum()) < MIN_DRAWING_PX:
+        return 0  # a flat band or a shared gradient: nothing drawn
+    if float((np.abs(band[:end] - level) <= LEVEL_TOL).mean()) < BAND_SHARE:
+        return 0  # no uniform band under the "drawing": shading or texture, not a header
+    return end if MIN_ROWS <= end < MAX_ROWS else 0
+
+
+def _plain(row: np.ndarray, level: float, band_like_background: bool) -> bool:
+    """A uniform row that is not part of the header: at another level than the band's, or at any
+    level when the band is as light as the crops' background (its empty rows below the drawing
+    cannot then be told from the image's own margin, and are left to the image)."""
+    at = float(np.median(row))
+    if float((np.abs(row - at) <= LEVEL_TOL).mean()) < ROW_SHARE:
+        return False  # something is drawn in it
+    return band_like_background or abs(at - level) > LEVEL_TOL

@@ -214,3 +214,15 @@ def test_a_shared_shading_is_not_a_header() -> None:
         canvases.append(np.clip(np.rint(a + rng.normal(0, 0.5, a.shape)), 0, 255).astype(np.uint8))
     assert detect_header(canvases) == 0
     assert detect_header(foreign_crops(header=False)) == 0
+
+
+@pytest.mark.parametrize("size,noise", [(60, 3.0), (60, 0.0), (100, 0.0), (100, 3.0)])
+def test_one_particle_at_one_place_in_fixed_canvases_is_not_a_header(size: int, noise: float) -> None:
+    # beads centred in fixed-size canvases: the particle is shared like a drawing would be
+    rng = np.random.default_rng(7)
+    canvases = []
+    for i in range(16):
+        a = np.full((size, size), 230.0) + rng.normal(0, noise, (size, size))
+        a[size // 3 : 2 * size // 3, size // 4 : 3 * size // 4] = 60 + i % 8
+        canvases.append(np.clip(np.rint(a), 0, 255).astype(np.uint8))
+    assert detect_header(canvases) == 0

@@ -27,6 +27,7 @@ MIN_ROWS = 8
 SHARE = 0.9  # of the sampled images must hold the same row
 PIXEL_TOL = 12  # gray levels a pixel may differ from the row's median across images (noise, JPEG ringing)
 ROW_SHARE = 0.9  # of a row's pixels within PIXEL_TOL for the row to be the same as the median's
+EQUAL = 1.0  # gray levels: the median pixel of a drawn row differs from the median's by at most this
 DRAWING = 64  # gray levels between a drawing's pixels (bar, label) and the band's own level
 MIN_DRAWING_PX = 6
 BAND_SHARE = 0.5  # of the header's pixels at the band's level: a drawing is sparse on a uniform band
@@ -67,14 +68,18 @@ def detect_header(images: Sequence[np.ndarray]) -> int:
     return max(_header_rows([w.astype(np.float32) for w in cols]) for cols in windows)
 
 
-def _shared_rows(cols: list[np.ndarray]) -> int:
-    """How many rows from the top are the same in nearly every image (up to ``MAX_ROWS``)."""
+def _shared_rows(cols: list[np.ndarray]) -> int | None:
+    """How many rows from the top are the same in nearly every image (up to ``MAX_ROWS``), or None
+    when they are the same down to the bottom: near-identical crops (a particle drawn at one place
+    in a fixed canvas) say nothing about a header."""
     for r in range(MAX_ROWS):
         have = [a[r] for a in cols if a.shape[0] > r + MIN_ROWS]  # a header is never the whole crop
         if len(have) < MIN_IMAGES:
-            return r
+            return None
         stack = np.stack(have)
-        same = (np.abs(stack - np.median(stack, axis=0)) <= PIXEL_TOL).mean(axis=1) >= ROW_SHARE
+        dev = np.abs(stack - np.median(stack, axis=0))
+        # drawn by software: most pixels equal (sensor noise moves them all), the rest close (JPEG)
+        same = (np.median(dev, axis=1) <= EQUAL) & ((dev <= PIXEL_TOL).mean(axis=1) >= ROW_SHARE)
         if same.mean() < SHARE:
             return r
     return MAX_ROWS
@@ -85,7 +90,7 @@ def _header_rows(cols: list[np.ndarray]) -> int:
     noise-free background is shared too, down to where the particles begin: the rows below the
     header are told apart as uniform rows at the crops' background level (``_plain``)."""
     shared = _shared_rows(cols)
-    if shared < MIN_ROWS:
+    if shared is None or shared < MIN_ROWS:
         return 0
     band = np.median(np.stack([a[:shared] for a in cols if a.shape[0] >= shared]), axis=0)
     level = float(np.median(band[:MIN_ROWS]))  # the band's own level: a drawing is sparse on it
@@ -98,6 +103,8 @@ def _header_rows(cols: list[np.ndarray]) -> int:
         return 0  # a flat band or a shared gradient: nothing drawn
     if float((np.abs(band[:end] - level) <= LEVEL_TOL).mean()) < BAND_SHARE:
         return 0  # no uniform band under the "drawing": shading or texture, not a header
+    if int(np.flatnonzero(drawn.any(axis=1))[0]) >= end / 2:
+        return 0  # more empty band above the "drawing" than drawing: a particle in a fixed canvas
     return end if MIN_ROWS <= end < MAX_ROWS else 0
 
 

@@ -132,3 +132,36 @@ def test_a_file_mixing_utf8_and_cp1252_lines_keeps_its_utf8_lines() -> None:
     text, encoding = decode_text(raw)
     assert text.splitlines() == ["image,class", "ä.png,Chaetoceros_ä", "ö.png,Skeletonema_ö"]
     assert encoding == "cp1252" and decode_text("ä\n".encode()) == ("ä\n", "utf-8")
+
+
+def test_a_unit_suffix_is_ignored_when_matching_names() -> None:
+    names = ["FWS (mV)", "SWS [mV]", "FL Yellow (mV)", "FL Orange(mV)", "FL Red [a.u.]", "Curvature (-)"]
+    plan = ChannelMap().resolve(names, "units.csv")
+    m = _matrix(6)
+    np.testing.assert_array_equal(plan.apply(m), m.astype(np.float32))
+    assert plan.describe()["mapping"]["FWS"] == "FWS (mV)"
+    # user entries match with or without the unit, on either side
+    renamed = ["FWS", "SWS", "FL Green [mV]", "FL Orange", "FL Red", "Curvature"]
+    for entry in ("FL Green", "FL Green (mV)", "FL Green [mV]"):
+        plan = ChannelMap({entry: "FL Yellow"}).resolve(renamed, "x")
+        assert plan.describe()["mapping"]["FL Yellow"] == "FL Green [mV]"
+
+
+def test_an_exact_name_wins_over_one_that_only_matches_without_its_brackets() -> None:
+    """Brackets that tell two columns apart (sensitivities) are not a unit: the user picks one."""
+    names = ["FWS", "SWS", "FL Yellow", "FL Orange", "FL Red (HS)", "FL Red (LS)", "Curvature"]
+    with pytest.raises(DataError, match=r"\['FL Red \(HS\)', 'FL Red \(LS\)'\] .*--channel-map"):
+        ChannelMap().resolve(names, "f.csv")
+    plan = ChannelMap({"FL Red (LS)": "FL Red"}).resolve(names, "f.csv")
+    assert plan.describe()["mapping"]["FL Red"] == "FL Red (LS)"
+    plan = ChannelMap().resolve(["FL Red (mV)", "FL Red", *names[:4], "Curvature"], "f.csv")
+    assert plan.describe()["mapping"]["FL Red"] == "FL Red"  # the exact name, not the one with a unit
+
+
+def test_a_commented_header_line_loses_its_hash() -> None:
+    from xmodal.data.readers.delimited import Dialect, header_names
+
+    comma = Dialect(",", ".")
+    assert header_names("# FWS,SWS", comma) == ["FWS", "SWS"]  # np.savetxt(..., header=...)
+    assert header_names('#"FWS","SWS"', comma) == ["FWS", "SWS"]
+    assert header_names("FWS,#SWS", comma) == ["FWS", "#SWS"]  # only the line's start is a comment

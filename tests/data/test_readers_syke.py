@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import json
+import re
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -99,7 +101,7 @@ def test_every_row_problem_gets_its_reason(rd: SimpleNamespace, cefas_layout: Pa
         f"images/cefas_pond_63.jpg,{outside},a,absolute_outside",
         "images/cefas_pond_63.jpg,profiles/none.csv,a,missing",
         "images/cefas_pond_63.jpg,profiles/cefas_pond_63.csv,a,ok_1",
-        "images/cefas_pond_63.jpg,profiles/cefas_pond_63.csv,a",
+        "images/cefas_pond_63.jpg,profiles/cefas_pond_63.csv,a,ok_2,extra",
         "images/trunc.jpg,profiles/cefas_pond_63.csv,a,trunc",
         "images/bomb.jpg,profiles/cefas_pond_63.csv,a,bomb",
         "images/cefas_pond_63.jpg,profiles/nan.csv,a,nan",
@@ -163,6 +165,13 @@ def write_layout(dest: Path, profiles: list[bytes], labels: list[str] | None = N
     return dest
 
 
+def savetxt_profile() -> str:
+    """np.savetxt's output: its header is a comment line, ``# FWS,SWS,...``."""
+    buf = io.StringIO()
+    np.savetxt(buf, VALUES, delimiter=",", header=CHANNEL_HEADER)
+    return buf.getvalue()
+
+
 def plain_profile() -> bytes:
     return (CHANNEL_HEADER + "\n" + "\n".join(",".join(f"{v:g}" for v in r) for r in VALUES) + "\n").encode()
 
@@ -187,8 +196,18 @@ def test_cp1252_annotations_keep_their_labels_apart_and_are_noted(
         "FWS;SWS;FL Yellow;FL Orange;FL Red;Curvature;\r\n10;20;3;4;50;0,1;\r\n30;40;5;6;70;-0,2;\r\n",
         '"FWS","SWS","FL Yellow","FL Orange","FL Red","Curvature"\n10,20,3,4,50,0.1\n30,40,5,6,70,-0.2\n',
         "FWS,SWS,FL Yellow,FL Orange,FL Red,Curvature\r10,20,3,4,50,0.1\r30,40,5,6,70,-0.2\r",
+        savetxt_profile(),
+        "FWS (mV),SWS [mV],FL Yellow (mV),FL Orange(mV),FL Red [a.u.],Curvature (-)\n10,20,3,4,50,0.1\n"
+        "30,40,5,6,70,-0.2\n",
     ],
-    ids=["trailing-comma", "trailing-semicolon-decimal-comma", "quoted-header", "cr-only"],
+    ids=[
+        "trailing-comma",
+        "trailing-semicolon-decimal-comma",
+        "quoted-header",
+        "cr-only",
+        "np-savetxt",
+        "units",
+    ],
 )
 def test_profile_csv_variants_read_the_same_values(rd: SimpleNamespace, tmp_path: Path, text: str) -> None:
     layout = write_layout(tmp_path / "LAB", [text.encode()])
@@ -257,3 +276,107 @@ def test_channel_names_the_table_does_not_know_stop_the_ingest(rd: SimpleNamespa
     for fill_missing in (False, True):
         with pytest.raises(DataError, match=r"profiles/0\.csv: .*no column for canonical channel"):
             rd.run(layout, tmp_path / f"out{fill_missing}", crop_header_px=0, fill_missing=fill_missing)
+
+
+def numbered_profile() -> bytes:
+    """pandas' ``DataFrame(values).to_csv(index=False)``: the header is the column numbers."""
+    return plain_profile().replace(CHANNEL_HEADER.encode(), b"0,1,2,3,4,5", 1)
+
+
+def test_numbered_columns_in_every_profile_say_how_to_map_them(rd: SimpleNamespace, tmp_path: Path) -> None:
+    layout = write_layout(tmp_path / "LAB", [numbered_profile()] * 3)
+    report, rows = rd.run(layout, tmp_path / "out", crop_header_px=0)
+    assert (report.ingested, report.reasons) == (0, {"malformed_row": 3})
+    entry = rd.quarantined(tmp_path / "out")["LAB:images/1.png"]
+    assert entry["file"].endswith("profiles/1.csv") and "--channel-map" in entry["message"]
+    (note,) = report.domains["LAB"].notes
+    assert (
+        "none of its 3 particle(s)" in note and "--channel-map" in note and f"note: {note}" in report.summary()
+    )
+    saved = json.loads((tmp_path / "out" / "ingest_report.json").read_text())
+    assert saved["domains"]["LAB"]["notes"] == [note]
+    # the YAML the message suggests, saved as a file, ingests every particle in the canonical order
+    mapping = re.search(r"\{.*?\}", entry["message"]).group(0)
+    assert mapping.startswith('{"0": FWS, "1": SWS, "2": FL Yellow') and mapping in note
+    (tmp_path / "channels.yaml").write_text(mapping + "\n")
+    report, rows = rd.run(layout, tmp_path / "out2", crop_header_px=0, channel_map=tmp_path / "channels.yaml")
+    assert (report.ingested, report.quarantined) == (3, 0)
+    np.testing.assert_array_equal(rd.profile(rows["LAB:images/2.png"]), VALUES.T.astype(np.float32))
+
+
+def test_numbered_columns_in_some_profiles_quarantine_those_only(rd: SimpleNamespace, tmp_path: Path) -> None:
+    layout = write_layout(tmp_path / "LAB", [plain_profile(), numbered_profile()])
+    report, _ = rd.run(layout, tmp_path / "out", crop_header_px=0)
+    assert (report.ingested, report.reasons, report.domains["LAB"].notes) == (1, {"malformed_row": 1}, [])
+    assert '"0": FWS' in rd.quarantined(tmp_path / "out")["LAB:images/1.png"]["message"]
+
+
+def test_a_headerless_profile_in_every_file_is_noted(rd: SimpleNamespace, tmp_path: Path) -> None:
+    headerless = plain_profile().split(b"\n", 1)[1]
+    report, _ = rd.run(write_layout(tmp_path / "LAB", [headerless] * 2), tmp_path / "out", crop_header_px=0)
+    (note,) = report.domains["LAB"].notes
+    assert "none of its 2 particle(s)" in note and "header line missing" in note
+
+
+def write_annotations(layout: Path, header: str, rows: list[str]) -> None:
+    (layout / "annotations.csv").write_text("\n".join([header, *rows]) + "\n")
+
+
+@pytest.mark.parametrize("name", ["Class_name", "taxon name", "Label", "SPECIES-NAME", "categoryname"])
+def test_a_class_column_under_another_name_is_read(rd: SimpleNamespace, tmp_path: Path, name: str) -> None:
+    layout = write_layout(tmp_path / "LAB", [plain_profile()] * 2)
+    write_annotations(
+        layout,
+        f"image,profile,{name}",
+        ["images/0.png,profiles/0.csv,diatom", "images/1.png,profiles/1.csv,"],
+    )
+    report, rows = rd.run(layout, tmp_path / "out", crop_header_px=0)
+    assert [rows[f"LAB:images/{i}.png"]["label"] for i in (0, 1)] == ["diatom", None]
+    d = report.domains["LAB"]
+    assert (d.notes, d.labelled, d.unlabelled) == ([], 1, 1)
+    assert "LAB: 2 particles (1 labelled, 1 unlabelled)" in report.summary()
+    saved = json.loads((tmp_path / "out" / "ingest_report.json").read_text())
+    assert (saved["domains"]["LAB"]["labelled"], saved["domains"]["LAB"]["unlabelled"]) == (1, 1)
+
+
+def test_no_class_column_is_noted(rd: SimpleNamespace, tmp_path: Path) -> None:
+    layout = write_layout(tmp_path / "LAB", [plain_profile()] * 2)
+    write_annotations(
+        layout, "image,profile,Kind", ["images/0.png,profiles/0.csv,diatom", "images/1.png,profiles/1.csv,x"]
+    )
+    report, rows = rd.run(layout, tmp_path / "out", crop_header_px=0)
+    assert {r["label"] for r in rows.values()} == {None}
+    (note,) = report.domains["LAB"].notes
+    assert "annotations.csv" in note and "no class column" in note and "['image', 'profile', 'Kind']" in note
+    assert "class_name" in note and "taxon" in note and f"note: {note}" in report.summary()
+    assert (report.domains["LAB"].labelled, report.domains["LAB"].unlabelled) == (0, 2)
+
+
+def test_na_like_class_cells_are_unlabelled_and_counted(rd: SimpleNamespace, tmp_path: Path) -> None:
+    cells = ["NA", " n/a ", "nan", "NaN", "None", "NULL", "diatom", "", "unlabelled"]
+    layout = write_layout(tmp_path / "LAB", [plain_profile()] * len(cells), labels=cells)
+    report, rows = rd.run(layout, tmp_path / "out", crop_header_px=0)
+    labels = [rows[f"LAB:images/{i}.png"]["label"] for i in range(len(cells))]
+    assert labels == [None] * 6 + ["diatom", None, None]
+    (note,) = report.domains["LAB"].notes
+    assert "6 class cell(s)" in note and "'NA'" in note and "unlabelled" in note
+    assert (report.domains["LAB"].labelled, report.domains["LAB"].unlabelled) == (1, 8)
+
+
+def test_a_row_missing_only_optional_trailing_cells_is_padded(rd: SimpleNamespace, tmp_path: Path) -> None:
+    layout = write_layout(tmp_path / "LAB", [plain_profile()] * 3)
+    rows = [
+        "images/0.png,profiles/0.csv",  # no class, no particle id: unlabelled, id from the image path
+        "images/1.png,profiles/1.csv,diatom",  # no particle id
+        "images/2.png,profiles/2.csv,diatom,p2",
+        "images/2.png",  # no profile cell: still malformed
+        "images/0.png,profiles/0.csv,diatom,p9,extra",  # too many: still malformed
+    ]
+    write_annotations(layout, "image,profile,class,particle_id", rows)
+    report, out = rd.run(layout, tmp_path / "out", crop_header_px=0)
+    assert {k: r["label"] for k, r in out.items()} == {
+        "LAB:images/0.png": None, "LAB:images/1.png": "diatom", "LAB:p2": "diatom"
+    }  # fmt: skip
+    bad = rd.quarantined(tmp_path / "out")
+    assert {k: e["reason"] for k, e in bad.items()} == {"line 5": "malformed_row", "line 6": "malformed_row"}
+    assert "1 fields, expected 4" in bad["line 5"]["message"] and "'profile' cell" in bad["line 5"]["message"]

@@ -5,7 +5,10 @@ CytoSense software names the same detector differently per instrument and per ex
 ``FWS`` channel or as ``FWS L`` + ``FWS R``). The table below maps a *source expression* to a
 canonical channel; a source expression is one name, or several joined by ``+`` whose pulses are
 summed sample by sample. Names are compared ignoring case, whitespace, ``_``, ``-`` and ``.``
-(``FL-Red``, ``Fl. Red`` and ``FL_RED`` are all ``FL Red``).
+(``FL-Red``, ``Fl. Red`` and ``FL_RED`` are all ``FL Red``). A name that matches no entry as it is
+is compared once more without a trailing unit in brackets (``FWS (mV)``, ``FL Red [mV]`` are
+``FWS``, ``FL Red``); the exact name wins, so brackets that tell two columns apart (``FL Red (HS)``,
+``FL Red (LS)``) can still be told apart by a user entry.
 
 For each canonical channel the entries are tried in order and the first whose names are all present
 in the file wins, so the table also states the preference between alternatives (a direct ``FWS``
@@ -73,6 +76,7 @@ DEFAULT_CHANNEL_MAP: tuple[tuple[str, str], ...] = (
     ("Curvature", "Curvature"),
 )
 
+
 class NoChannelHeader(DataError):
     """A first line of numbers where the header should be: a file without its header line (a data
     problem of that file), not an instrument whose channel names need mapping."""
@@ -96,7 +100,38 @@ def normalize_name(name: str) -> str:
     return _SPACE.sub("", name).casefold()
 
 
+_UNIT = re.compile(r"(?:\([^()]*\)|\[[^\[\]]*\])$")  # on a normalized key: no spaces before it
+
+
+def without_unit(key: str) -> str:
+    """A normalized key without its trailing ``(unit)`` / ``[unit]``: ``'fws(mv)'`` -> ``'fws'``;
+    a key that is nothing but brackets stays as it is (an empty key would match nothing useful)."""
+    return _UNIT.sub("", key) or key
+
+
 _CANONICAL = {normalize_name(c): c for c in CHANNELS}
+
+
+def numbered_columns_fix(names: Sequence[str]) -> str:
+    """How to map a header of column numbers ``0..n-1`` (pandas' ``to_csv`` of a frame without column
+    names, after an unnamed index column if it wrote one); "" for any other header. The suggested
+    YAML assumes the canonical order only as an example: the message says to check it, since numbers
+    say nothing about which detector a column holds."""
+    numbers = [n.strip() for n in names]
+    if numbers[:1] == [""]:  # pandas' index column: unnamed, and unused by the map below
+        numbers = numbers[1:]
+    if not numbers or numbers != [str(i) for i in range(len(numbers))]:
+        return ""
+    mapping = ", ".join(f'"{i}": {c}' for i, c in zip(range(len(numbers)), CHANNELS))
+    fewer = ""
+    if len(numbers) < len(CHANNELS):
+        fewer = f" There are {len(numbers)} columns for {len(CHANNELS)} channels: add --fill-missing."
+    return (
+        f": the header numbers the columns 0..{len(numbers) - 1} (as pandas writes a frame without column "
+        f"names) instead of naming the channels. Name them with --channel-map FILE, a YAML file mapping "
+        f"each column number to the channel it holds; if the columns are in the order {list(CHANNELS)}, "
+        f"FILE is {{{mapping}}} (check the order: xmodal does not guess it).{fewer}"
+    )
 
 
 def _parse_expression(expr: str, where: str) -> tuple[str, ...]:
@@ -191,30 +226,43 @@ class ChannelMap:
     def resolve(self, names: Sequence[str], where: str, fill_missing: bool = False) -> ChannelPlan:
         """Plan for a file whose channels are ``names`` (in file order); ``where`` names the file."""
         keys = [normalize_name(n) for n in names]
-        index: dict[str, int] = {}
-        for i, k in enumerate(keys):
-            index.setdefault(k, i)
+        bare = [without_unit(k) for k in keys]
+
+        def columns(part: str) -> list[int]:
+            """The file columns an entry's name matches: by exact name, else without units."""
+            return [i for i, k in enumerate(keys) if k == part] or [
+                i for i, k in enumerate(bare) if k == without_unit(part)
+            ]
+
         sources: list[tuple[int, ...]] = []
         missing: list[str] = []
+        ambiguous: set[str] = set()
         for canonical in CHANNELS:
             chosen: tuple[int, ...] = ()
             for parts, target, _ in self.entries:
-                if target == canonical and all(p in index for p in parts):
-                    chosen = tuple(index[p] for p in parts)
+                found = [columns(p) for p in parts] if target == canonical else []
+                if found and all(found):
+                    chosen = tuple(f[0] for f in found)
+                    ambiguous.update(names[i] for f in found if len(f) > 1 for i in f)
                     break
             if not chosen:
                 missing.append(canonical)
             sources.append(chosen)
         plan = ChannelPlan(tuple(names), tuple(sources), tuple(bool(s) for s in sources))
-        used = plan.used_keys()
-        dupes = sorted({names[i] for i, k in enumerate(keys) if k in used and keys.count(k) > 1})
-        if dupes:
-            raise DataError(f"{where}: channel(s) {dupes} appear more than once; cannot tell which to use")
+        if ambiguous:
+            raise DataError(
+                f"{where}: channel(s) {sorted(ambiguous)} appear more than once (or differ only in "
+                f"brackets); cannot tell which to use. Name the one to use with --channel-map FILE "
+                f"(YAML 'column name: canonical')."
+            )
         if len(missing) == len(CHANNELS) and all(_looks_like_data(n) for n in names):
+            fix = numbered_columns_fix(names) or (
+                f"{self._unknown_hint(names)}; is the header line missing or damaged? It must name the "
+                "channels (or map them with --channel-map FILE)."
+            )
             raise NoChannelHeader(
                 f"{where}: not one canonical channel {list(CHANNELS)} can be filled from the columns "
-                f"{list(names)}{self._unknown_hint(names)}; is the header line missing or damaged? "
-                f"It must name the channels (or map them with --channel-map FILE)."
+                f"{list(names)}{fix}"
             )
         if missing and (not fill_missing or len(missing) == len(CHANNELS)):  # all zeros is no profile
             raise DataError(
@@ -225,6 +273,6 @@ class ChannelMap:
         return plan
 
     def _unknown_hint(self, names: Iterable[str]) -> str:
-        known = {p for parts, _, _ in self.entries for p in parts}
-        unknown = [n for n in names if normalize_name(n) not in known]
+        known = {k for parts, _, _ in self.entries for p in parts for k in (p, without_unit(p))}
+        unknown = [n for n in names if not {normalize_name(n), without_unit(normalize_name(n))} & known]
         return f" (not in the channel table: {unknown})" if unknown else ""

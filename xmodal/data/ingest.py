@@ -55,6 +55,8 @@ class DomainReport:
     quarantined: int = 0
     with_image: int = 0
     profile_only: int = 0
+    labelled: int = 0  # ingested particles with a class; the rest are unlabelled (label null)
+    unlabelled: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
     sources: list[str] = field(default_factory=list)
     shards: list[str] = field(default_factory=list)
@@ -102,7 +104,8 @@ class IngestReport:
             lines.append("  quarantined: " + ", ".join(f"{r} {n}" for r, n in sorted(self.reasons.items())))
         for name, d in self.domains.items():
             lines.append(
-                f"  {name}: {d.ingested} particles in {len(d.shards)} shard(s) -> {Path(self.out) / name}"
+                f"  {name}: {d.ingested} particles ({d.labelled} labelled, {d.unlabelled} unlabelled) "
+                f"in {len(d.shards)} shard(s) -> {Path(self.out) / name}"
             )
             lines.extend(f"  note: {note}" for note in d.notes)
         rate = f" ({self.seen / self.elapsed_s:.0f} particles/s)" if self.elapsed_s > 0 else ""
@@ -260,16 +263,20 @@ def _ingest_domain(
             if header_note:
                 report.notes.append(header_note)
             report.crop_header_px[source] = source_opts.crop_header_px
+            before = (report.ingested, report.quarantined)
+            first: dict[str, QuarantineEntry] = {}  # this source's first entry per reason
             for table, entries, seen, channels, notes in runner.run(
                 reader.iter_work(path, source, name, source_opts)
             ):
                 for entry in entries:
                     quarantine.add(entry)
                     report.reasons[entry.reason] = report.reasons.get(entry.reason, 0) + 1
+                    first.setdefault(entry.reason, entry)
                 if table is not None:
                     writer.write_table(table)
                     report.ingested += table.num_rows
                     report.with_image += int(pc.sum(table["has_image"]).as_py() or 0)
+                    report.labelled += table.num_rows - table["label"].null_count
                 report.seen += seen
                 report.notes.extend(notes)
                 report.quarantined += len(entries)
@@ -278,6 +285,8 @@ def _ingest_domain(
                         json.dumps(mapping, sort_keys=True), {"example_file": file, **mapping}
                     )
                 progress.update(report)
+            if first and report.ingested == before[0]:
+                report.notes.append(_nothing_ingested_note(source, report.quarantined - before[1], first))
         written = writer.close()
     except BaseException:
         writer.close()
@@ -289,10 +298,19 @@ def _ingest_domain(
             f"ingested {report.ingested} (written {writer.rows}) + quarantined {report.quarantined}"
         )
     report.profile_only = report.ingested - report.with_image
+    report.unlabelled = report.ingested - report.labelled
     report.channels = list(mappings.values())
     report.shards = _replace_shards(tmp, out / name, written)
     progress.update(report, final=True)
     return report
+
+
+def _nothing_ingested_note(source: str, n: int, first: dict[str, QuarantineEntry]) -> str:
+    """A source whose every particle was quarantined is almost always one problem shared by all its
+    files (e.g. profiles written without channel names): say so once, with the first particle's
+    message per reason (which says how to fix it), instead of leaving only a per-particle log."""
+    examples = "; ".join(f"{reason}, e.g. {e.describe()}" for reason, e in first.items())
+    return f"{source}: none of its {n} particle(s) was ingested, all were quarantined: {examples}"
 
 
 def _header_options(

@@ -18,7 +18,7 @@ from typing import IO, Any
 REASONS: dict[str, str] = {
     "malformed_row": "a row with the wrong number of fields, a value that is not a number, or a record "
     "whose structure is broken (e.g. a listmode row cut or merged by an editor, a profile CSV whose "
-    "header is missing or names no channel)",
+    "header is missing, names no channel or only numbers the columns)",
     "length_mismatch": "the pulse shape has a different number of samples than the listmode's Sample "
     "Length, or the channels of one particle differ in length",
     "non_finite": "a pulse value is NaN or infinite (or overflows float32)",

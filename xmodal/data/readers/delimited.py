@@ -2,7 +2,8 @@
 
 Exports come with ``,`` or ``;`` (or tab) separators, ``.`` or ``,`` decimals, a UTF-8 BOM and CRLF
 line ends; some tools quote the header names (R's ``write.csv``: ``"FWS","SWS"``) or end every line
-with a separator (``a,b,c,``: the empty last column is ignored). Text that is not UTF-8 is read as
+with a separator (``a,b,c,``: the empty last column is ignored); ``np.savetxt`` starts the header
+line with ``# `` (dropped). Text that is not UTF-8 is read as
 cp1252 (Windows "ANSI", what Excel writes on Western-European systems). CR-only line ends (classic
 Mac OS) are read in small whole files and named in an error in streamed ones.
 
@@ -113,8 +114,11 @@ def _unquote(name: str) -> str:
 
 def header_names(header: str, dialect: Dialect) -> list[str]:
     """Column names of a header line: spaces and surrounding double quotes removed, the empty name
-    after a trailing separator dropped."""
-    names = [_unquote(n) for n in header.split(dialect.sep)]
+    after a trailing separator dropped, and a ``#`` that starts the line dropped: ``np.savetxt``
+    writes its header as a comment (``# FWS,SWS,...``)."""
+    fields = header.split(dialect.sep)
+    fields[0] = fields[0].lstrip().lstrip("#")
+    names = [_unquote(n) for n in fields]
     return names[:-1] if dialect.trailing else names
 
 

@@ -1,21 +1,29 @@
 """SYKE-plankton_CytoSense layout: ``annotations.csv`` (``image,profile,class[,particle_id]``, paths
 relative to the folder, ``/`` or Windows ``\\`` separators; ``;`` or tab separators and a
-``label``, ``species``, ``taxon`` or ``category`` column for ``class`` are accepted; header names
-compare case- and space-insensitively; UTF-8, or cp1252 as Excel on Windows saves it, which the
-report notes), ``images/``, ``profiles/`` (one CSV per
-particle: a header naming the channels, then L rows x C columns in mV). The source name is the
-layout folder's name (``xmodal ingest .`` inside it too), runs of characters other than letters,
-digits, ``_ . -`` replaced by ``_``.
+``label``, ``species``, ``taxon`` or ``category`` column for ``class``, any of them also with a
+``_name`` suffix (``class_name``, ``taxon name``), are accepted; header names compare case- and
+space-insensitively; UTF-8, or cp1252 as Excel on Windows saves it, which the report notes),
+``images/``, ``profiles/`` (one CSV per particle: a header naming the channels, then L rows x C
+columns in mV). The source name is the layout folder's name (``xmodal ingest .`` inside it too),
+runs of characters other than letters, digits, ``_ . -`` replaced by ``_``.
 
-One annotation row is one particle. Annotation-level problems (wrong field count, a repeated
-particle id: the first row keeps the id) are decided while reading annotations.csv; file-level
-problems (path escaping the folder, missing file, image and profile checks) in ``read_rows``, which
-ingest runs in worker processes on chunks of rows. A profile whose header cannot be mapped to the
-channels at all (a missing or damaged header) quarantines that particle as ``malformed_row``; a
-header that lacks some channels stops the ingest with an error naming the file and the channels,
-as in the other readers (map them with ``--channel-map`` or zero-fill them with ``--fill-missing``). Particle ids are
-``<source>:<particle_id>``, or ``<source>:<image path>`` when the column is absent. An empty
-``image`` (or ``profile``) cell gives a profile-only (image-only) particle.
+Labels: an empty class cell, ``unlabelled`` and the missing-value markers of spreadsheets and pandas
+(``NA``, ``N/A``, ``nan``, ``None``, ``null``, counted in a note) are unlabelled; without a class
+column every particle is unlabelled, and the report notes it with the names it would accept.
+
+One annotation row is one particle. A row that ends before its optional cells (class, particle id,
+any column after ``image`` and ``profile``: spreadsheets drop trailing empty cells) is read as if
+they were empty. Annotation-level problems (too many fields, too few to hold the image and profile
+cells, a repeated particle id: the first row keeps the id) are decided while reading
+annotations.csv; file-level problems (path escaping the folder, missing file, image and profile
+checks) in ``read_rows``, which ingest runs in worker processes on chunks of rows. A profile whose
+header cannot be mapped to the channels at all (a missing or damaged header, or pandas' column
+numbers ``0,1,...``, for which the message gives the ``--channel-map`` YAML) quarantines that
+particle as ``malformed_row`` (ingest notes a source none of whose particles was ingested); a header
+that lacks some channels stops the ingest with an error naming the file and the channels, as in the
+other readers (map them with ``--channel-map`` or zero-fill them with ``--fill-missing``). Particle
+ids are ``<source>:<particle_id>``, or ``<source>:<image path>`` when the column or its cell is
+absent. An empty ``image`` (or ``profile``) cell gives a profile-only (image-only) particle.
 """
 
 from __future__ import annotations
@@ -41,9 +49,13 @@ from xmodal.data.transforms import to_gray8
 
 ANNOTATIONS = "annotations.csv"
 UNLABELLED = {"", "unlabelled", "unlabeled"}
+# how spreadsheets and pandas write a missing value: unlabelled too, but counted in a note, since a
+# class could (rarely) be named so
+MISSING_VALUES = {"na", "n/a", "nan", "none", "null"}
 ROWS_PER_TASK = 256
 HEADER_SAMPLE = 64  # images looked at for a scale-bar header (--crop-header auto)
-CLASS_ALIASES = ("label", "species", "taxon", "category")  # compared as normalize_name gives them
+CLASS_NAMES = ("class", "label", "species", "taxon", "category")  # preferred first; also "<name>_name"
+CLASS_KEYS = tuple(k for name in CLASS_NAMES for k in (name, name + "name"))  # as normalize_name gives them
 ANNOTATION_SEPARATORS = (",", ";", "\t")  # ties (a one-column header) go to ","
 
 
@@ -67,39 +79,60 @@ def find_sources(src: Path) -> list[tuple[str, Path]]:
     return [(safe_name(p.name), p) for p in layouts]
 
 
-def read_annotations(layout: Path, source: str) -> tuple[list[Row], list[QuarantineEntry], str]:
-    """-> (rows, entries for rows that are no particle, the encoding the file was read with)."""
+def read_annotations(layout: Path, source: str) -> tuple[list[Row], list[QuarantineEntry], list[str]]:
+    """-> (rows, entries for rows that are no particle, notes on how the file was read)."""
     path = layout / ANNOTATIONS
     text, encoding = decode_text(path.read_bytes())
+    notes = []
+    if encoding != "utf-8":
+        notes.append(
+            f"{path} is not UTF-8; read as {encoding} (Windows 'ANSI', e.g. Excel's "
+            "'CSV (Comma delimited)'): check the class names, or save it as 'CSV UTF-8'"
+        )
     # spreadsheets in decimal-comma locales save CSV with ';' (and some tools with tabs): the
     # separator is the one that splits the header line most
     sep = max(ANNOTATION_SEPARATORS, key=text.partition("\n")[0].count)
     reader = csv.reader(io.StringIO(text), delimiter=sep)
-    header = [normalize_name(h) for h in next(reader, [])]
+    names = next(reader, [])
+    header = [normalize_name(h) for h in names]
     missing = [c for c in ("image", "profile") if c not in header]
     if missing:
         raise DataError(
             f"{path}: header {header} lacks column(s) {missing}; expected image,profile,class[,particle_id]"
         )
-    col = {name: header.index(name) for name in ("image", "profile", "class", "particleid") if name in header}
-    if "class" not in col:  # other names for the class column, first found wins
-        alias = next((a for a in CLASS_ALIASES if a in header), None)
-        if alias:
-            col["class"] = header.index(alias)
+    col = {name: header.index(name) for name in ("image", "profile", "particleid") if name in header}
+    class_key = next((k for k in CLASS_KEYS if k in header), None)  # the first name found wins
+    if class_key is not None:
+        col["class"] = header.index(class_key)
+    else:  # a column under another name would silently leave every particle unlabelled
+        notes.append(
+            f"{path}: no class column, so every particle is unlabelled; the header has {names}. To read "
+            f"the classes, name their column one of {list(CLASS_NAMES)}, or that with '_name' (class_name)"
+        )
+    needed = max(col["image"], col["profile"]) + 1  # fields a row needs to hold both paths
     rows: list[Row] = []
     bad: list[QuarantineEntry] = []
     first_line: dict[str, int] = {}
+    read_as_missing: dict[str, int] = {}
     for fields in reader:
         line = reader.line_num
         if not any(f.strip() for f in fields):
             continue
+        if needed <= len(fields) < len(header):  # only optional cells left off the end: empty
+            fields += [""] * (len(header) - len(fields))
         if len(fields) != len(header):
+            lacking = " and ".join(repr(c) for c in ("image", "profile") if col[c] >= len(fields))
+            why = (
+                f"the row ends before its {lacking} cell (write an empty cell for none)"
+                if lacking
+                else f"too many cells: quote a cell that holds the separator {sep!r}"
+            )
             bad.append(
                 _entry(
                     "malformed_row",
                     path,
                     f"line {line}",
-                    f"{len(fields)} fields, expected {len(header)}: {fields}",
+                    f"{len(fields)} fields, expected {len(header)} ({','.join(names)}): {fields}; {why}",
                 )
             )
             continue
@@ -117,18 +150,21 @@ def read_annotations(layout: Path, source: str) -> tuple[list[Row], list[Quarant
             continue
         first_line[pid] = line
         label = fields[col["class"]].strip() if "class" in col else ""
+        if label.casefold() in MISSING_VALUES:
+            read_as_missing[label] = read_as_missing.get(label, 0) + 1
+            label = ""
         rows.append(Row(line, pid, image, profile, None if label.casefold() in UNLABELLED else label))
-    return rows, bad, encoding
+    if read_as_missing:
+        cells = ", ".join(f"{v!r} x{n}" for v, n in sorted(read_as_missing.items()))
+        notes.append(
+            f"{path}: {sum(read_as_missing.values())} class cell(s) read as unlabelled ({cells}): "
+            "spreadsheets and pandas write these for a missing value"
+        )
+    return rows, bad, notes
 
 
 def iter_work(layout: Path, source: str, domain: str, opts: ReaderOptions) -> Iterator[Batch | Task]:
-    rows, bad, encoding = read_annotations(layout, source)
-    notes: list[str] = []
-    if encoding != "utf-8":
-        notes.append(
-            f"{layout / ANNOTATIONS} is not UTF-8; read as {encoding} (Windows 'ANSI', e.g. Excel's "
-            "'CSV (Comma delimited)'): check the class names, or save it as 'CSV UTF-8'"
-        )
+    rows, bad, notes = read_annotations(layout, source)
     if bad or notes:
         yield Batch(seen=len(bad), items=list(bad), notes=notes)
     root = os.path.normpath(os.path.abspath(layout))

@@ -55,6 +55,28 @@ def test_rerun_is_idempotent_and_replaces_old_shards(
     assert not list(tmp_path.glob(".*ingest-tmp"))
 
 
+def test_a_second_export_into_the_same_folder_keeps_the_first_ones_account(
+    rd: SimpleNamespace, realdata: Path, tmp_path: Path
+) -> None:
+    ulco, cefas = rd.ulco_prefix(realdata).parent, rd.cefas_prefix(realdata).parent
+    ingest(ulco, tmp_path, quiet=True)
+    report = ingest(cefas, tmp_path, quiet=True)  # another domain into the same OUT
+    saved = json.loads((tmp_path / "ingest_report.json").read_text())
+    assert list(saved["domains"]) == [CEFAS_DOMAIN] and saved["quarantined"] == 0  # this run's counts
+    kept = saved["earlier"][ULCO_DOMAIN]
+    assert (kept["ingested"], kept["quarantined"], kept["src"]) == (6, 3, str(ulco))
+    assert len(rd.quarantined(tmp_path)) == 3  # the first export's entries stay in the log
+    assert f"{ULCO_DOMAIN}: 6 particles kept from an earlier ingest of {ulco}" in report.summary()
+    again = ingest(cefas, tmp_path, quiet=True)  # kept through later runs too
+    assert ULCO_DOMAIN in again.earlier and len(rd.quarantined(tmp_path)) == 3
+    ingest(ulco, tmp_path, quiet=True)  # re-ingesting a domain replaces its entries, no duplicates
+    assert len(rd.quarantined(tmp_path)) == 3
+    replaced = ingest(cefas, tmp_path, domain=ULCO_DOMAIN, quiet=True)  # another export over ULCO's folder
+    (note,) = replaced.domains[ULCO_DOMAIN].notes
+    assert note.startswith(f"replaced {tmp_path / ULCO_DOMAIN}: it held 6 particles from")
+    assert ULCO_DOMAIN not in replaced.earlier
+
+
 def test_strict_fails_at_the_first_problem_and_keeps_previous_output(
     rd: SimpleNamespace, realdata: Path, tmp_path: Path
 ) -> None:

@@ -10,7 +10,9 @@ re-run gives the same output, never duplicates, and a failed run leaves the prev
 ``OUT/ingest_report.json`` holds counts per domain and per quarantine reason, the first examples,
 the channel mapping used and the readers' notes (e.g. a file read as cp1252, not UTF-8; also in the
 summary); ``OUT/quarantine.jsonl`` lists every quarantined particle. ``seen == ingested +
-quarantined`` is checked for every domain.
+quarantined`` is checked for every domain. Several ingests may write into one OUT (one export per
+domain): domains an earlier ingest wrote and this one leaves in place stay in the report
+(``earlier``, with the SRC they came from) and their entries stay in the quarantine log.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ class IngestReport:
     reasons: dict[str, int] = field(default_factory=dict)
     examples: dict[str, list[dict[str, str]]] = field(default_factory=dict)
     elapsed_s: float = 0.0
+    earlier: dict[str, dict[str, Any]] = field(default_factory=dict)  # domains kept from earlier ingests
 
     @property
     def seen(self) -> int:
@@ -108,6 +111,11 @@ class IngestReport:
                 f"in {len(d.shards)} shard(s) -> {Path(self.out) / name}"
             )
             lines.extend(f"  note: {note}" for note in d.notes)
+        for name, d in self.earlier.items():
+            lines.append(
+                f"  {name}: {d.get('ingested')} particles kept from an earlier ingest of {d.get('src')} "
+                f"-> {Path(self.out) / name}"
+            )
         rate = f" ({self.seen / self.elapsed_s:.0f} particles/s)" if self.elapsed_s > 0 else ""
         lines.append(
             f"  report {Path(self.out) / REPORT_NAME}, quarantine log {Path(self.out) / QUARANTINE_NAME}; "
@@ -313,6 +321,33 @@ def _nothing_ingested_note(source: str, n: int, first: dict[str, QuarantineEntry
     return f"{source}: none of its {n} particle(s) was ingested, all were quarantined: {examples}"
 
 
+def _previous_domains(out: Path) -> dict[str, dict[str, Any]]:
+    """The domains the report in OUT accounts for (its own and those it kept), each with its SRC."""
+    try:
+        old = json.loads((out / REPORT_NAME).read_text())
+    except (OSError, ValueError):
+        return {}
+    domains = dict(old.get("earlier", {}))
+    for name, d in old.get("domains", {}).items():
+        domains[name] = {"src": old.get("src"), "format": old.get("format"), **d}
+    return domains
+
+
+def _carry_log(old_log: Path, new_log: Path, kept: dict[str, dict[str, Any]]) -> None:
+    """Appends the old log's entries of the kept domains (matched by their source paths) to the new."""
+    sources = tuple(str(s) for d in kept.values() for s in d.get("sources", []))
+    if not sources or not old_log.exists():
+        return
+    with old_log.open() as f, new_log.open("a") as g:
+        for line in f:
+            try:
+                file = str(json.loads(line).get("file", ""))
+            except ValueError:
+                continue
+            if file.startswith(sources):
+                g.write(line)
+
+
 def _header_options(
     reader: Any, path: Path, source: str, opts: ReaderOptions, auto: bool, quiet: bool
 ) -> tuple[ReaderOptions, str | None]:
@@ -390,6 +425,10 @@ def ingest(
         },
     )
     out.mkdir(parents=True, exist_ok=True)
+    previous = _previous_domains(out)
+    report.earlier = {
+        n: d for n, d in previous.items() if n not in by_domain and any((out / n).glob("part-*.parquet"))
+    }
     runner = _OrderedRunner(workers if workers is not None else min(2, os.cpu_count() or 1), max_pixels)
     log = out / f".{QUARANTINE_NAME}.tmp"  # replaces the old log only when the run succeeds
     try:
@@ -408,6 +447,14 @@ def ingest(
                     auto_header=crop_header_px is None,
                 )
             report.reasons, report.examples = dict(quarantine.counts), dict(quarantine.examples)
+        _carry_log(out / QUARANTINE_NAME, log, report.earlier)
+        for name, d in report.domains.items():
+            old_sources = {str(Path(p).resolve()) for p in previous.get(name, {}).get("sources", [])}
+            if old_sources and old_sources != {str(Path(p).resolve()) for p in d.sources}:
+                d.notes.append(
+                    f"replaced {out / name}: it held {previous[name].get('ingested')} particles from "
+                    f"{sorted(old_sources)} (an earlier ingest of {previous[name].get('src')})"
+                )
     except BaseException:
         log.unlink(missing_ok=True)
         raise

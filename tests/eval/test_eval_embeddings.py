@@ -1,7 +1,9 @@
-"""EmbeddingSet and its Parquet form: round trips, shards, missing modalities, bad input."""
+"""EmbeddingSet and its Parquet form: round trips, shards, missing modalities, bad input, particles
+given for embeddings, and the checkpoint each set records."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +11,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from xmodal.eval.embeddings import EmbeddingSet, load_embeddings, write_embeddings
+from xmodal.data.quarantine import DataError
+from xmodal.eval.embeddings import (
+    Checkpoint,
+    EmbeddingSet,
+    check_same_checkpoint,
+    embeddings_checkpoint,
+    load_embeddings,
+    write_embeddings,
+)
 
 
 def _assert_same(a: EmbeddingSet, b: EmbeddingSet, atol: float = 0.0) -> None:
@@ -97,3 +107,77 @@ def test_bad_input_is_reported(ev, tmp_path: Path) -> None:
     pq.write_table(ragged, tmp_path / "ragged.parquet")
     with pytest.raises(ValueError, match="ragged.parquet.*image_emb lengths differ"):
         load_embeddings(tmp_path / "ragged.parquet")
+
+
+def _particles(folder: Path) -> Path:
+    """A shard as `xmodal ingest` writes particles: ids, labels and the raw image / profile."""
+    folder.mkdir(parents=True)
+    table = pa.table(
+        {
+            "particle_id": ["a", "b"],
+            "label": ["x", None],
+            "domain": ["LAB", "LAB"],
+            "image": [b"\x89PNG", None],
+            "profile": pa.array([[1.0, 2.0], [3.0, 4.0]], type=pa.list_(pa.float32())),
+        }
+    )
+    pq.write_table(table, folder / "part-00000.parquet")
+    return folder
+
+
+def test_a_particle_folder_is_not_read_as_embeddings(tmp_path: Path) -> None:
+    data = _particles(tmp_path / "data" / "SEA")
+    fix = rf"{data} holds particles, not embeddings.*run `xmodal embed --checkpoint RUN --data {data} --out OUT`"
+    with pytest.raises(DataError, match=fix):
+        load_embeddings(data)
+    with pytest.raises(DataError, match="holds particles, not embeddings"):
+        load_embeddings(data / "part-00000.parquet")
+    with pytest.raises(DataError, match="holds particles"):
+        embeddings_checkpoint(data)
+
+
+CK1, CK2 = "/runs/r1/checkpoint_1/checkpoint.pt", "/runs/r1/checkpoint_2/checkpoint.pt"
+
+
+def _check(first: Path, second: Path) -> None:
+    check_same_checkpoint(first, embeddings_checkpoint(first), second, embeddings_checkpoint(second))
+
+
+def test_checkpoints_are_recorded_and_compared(ev, tmp_path: Path) -> None:
+    lab, sea = ev.make_set(10, 2, seed=1, domain="LAB"), ev.make_set(10, 2, seed=2, domain="SEA")
+    write_embeddings(lab, tmp_path / "lab", checkpoint=CK1)
+    empty = lab.subset(np.zeros(10, bool))
+    write_embeddings(empty, tmp_path / "lab")  # an empty input shard's output records none
+    write_embeddings(sea, tmp_path / "sea", checkpoint=CK2)
+    write_embeddings(sea, tmp_path / "sea1", checkpoint=CK1)
+    write_embeddings(sea, tmp_path / "old")  # written before checkpoints were recorded
+    assert embeddings_checkpoint(tmp_path / "lab") == Checkpoint(CK1)
+    assert embeddings_checkpoint(tmp_path / "old") is None
+    with pytest.raises(DataError, match=rf"lab holds embeddings of checkpoint {CK1} but .*sea of {CK2}.*"
+                       "embed both with the same checkpoint"):  # fmt: skip
+        _check(tmp_path / "lab", tmp_path / "sea")
+    _check(tmp_path / "lab", tmp_path / "sea1")
+    _check(tmp_path / "lab", tmp_path / "old")  # nothing recorded: nothing to compare
+    _check(tmp_path / "old", tmp_path / "sea")
+
+    # the manifest's hash identifies the file: the same model wherever it lies, another one in its place
+    (tmp_path / "lab" / "_embed.json").write_text(json.dumps({"checkpoint": CK1, "checkpoint_sha256": "aa"}))
+    write_embeddings(sea, tmp_path / "moved", checkpoint="/mnt/copy/checkpoint.pt")
+    (tmp_path / "moved" / "embed.json").write_text(  # the manifest's older name
+        json.dumps({"checkpoint": "/mnt/copy/checkpoint.pt", "checkpoint_sha256": "aa"})
+    )
+    _check(tmp_path / "lab", tmp_path / "moved")
+    write_embeddings(sea, tmp_path / "retrained", checkpoint=CK1)
+    (tmp_path / "retrained" / "_embed.json").write_text(
+        json.dumps({"checkpoint": CK1, "checkpoint_sha256": "bb"})
+    )
+    with pytest.raises(DataError, match="not comparable"):
+        _check(tmp_path / "lab", tmp_path / "retrained")
+
+
+def test_a_set_whose_shards_come_from_different_checkpoints_is_refused(ev, tmp_path: Path) -> None:
+    write_embeddings(ev.make_set(10, 2, seed=1, domain="LAB"), tmp_path / "emb" / "lab", checkpoint=CK1)
+    write_embeddings(ev.make_set(10, 2, seed=2, domain="SEA"), tmp_path / "emb" / "sea", checkpoint=CK2)
+    with pytest.raises(DataError, match=rf"emb mixes embeddings of 2 checkpoints .*{CK1}.*{CK2}"):
+        load_embeddings(tmp_path / "emb")  # two `xmodal embed` outputs read as one set
+    assert len(load_embeddings(tmp_path / "emb" / "lab")) == 10

@@ -6,10 +6,13 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from xmodal.cli import main
+from xmodal.data.quarantine import DataError
 from xmodal.eval.benchmark import benchmark, named_paths
 from xmodal.eval.embeddings import write_embeddings
 from xmodal.eval.protocol import COMBOS, run_protocol
@@ -150,3 +153,37 @@ def test_benchmark_user_errors_print_one_line(ev, tmp_path: Path, capsys) -> Non
         main([*base, str(tmp_path / "lab"), "--k", "0"])
     assert stop.value.code == 2 and "expected a number >= 1, got 0" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_benchmark_pairs_each_gallery_with_queries_of_its_checkpoint(ev, tmp_path: Path, capsys) -> None:
+    """Models side by side may differ (that is the comparison); a model's gallery and queries may not.
+    A particle folder given for embeddings is refused, not benchmarked into empty tables."""
+    lab, sea = ev.make_set(60, 3, seed=3, domain="LAB"), ev.make_set(40, 3, seed=4, domain="SEA")
+    for model in ("m1", "m2"):
+        write_embeddings(lab, tmp_path / model / "lab", checkpoint=f"/runs/{model}/checkpoint.pt")
+        write_embeddings(sea, tmp_path / model / "sea", checkpoint=f"/runs/{model}/checkpoint.pt")
+    kw = {"combos": ["I-I"], "gallery_sizes": [2], "repeats": 1, "progress": False}
+    models = {"a": tmp_path / "m1" / "lab", "b": tmp_path / "m2" / "lab"}
+    both = benchmark(models, tmp_path / "o1", query_embeddings={"a": tmp_path / "m1" / "sea",
+                                                                 "b": tmp_path / "m2" / "sea"}, **kw)  # fmt: skip
+    assert len(both) == 2
+    with pytest.raises(DataError, match=r"m1/lab holds embeddings of checkpoint /runs/m1/checkpoint.pt but "
+                       r".*m2/sea of /runs/m2/checkpoint.pt"):  # fmt: skip
+        benchmark(
+            [tmp_path / "m1" / "lab"], tmp_path / "o2", query_embeddings=[tmp_path / "m2" / "sea"], **kw
+        )
+    argv = ["benchmark", "--out", str(tmp_path / "o3"), "--n", "2", "--repeats", "1", "--combos", "I-I",
+            "--embeddings", str(tmp_path / "m1" / "lab"), "--queries", str(tmp_path / "m2" / "sea")]  # fmt: skip
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "embed both with the same checkpoint" in err
+
+    (tmp_path / "data").mkdir()
+    pq.write_table(
+        pa.table({"particle_id": ["p"], "label": ["x"], "domain": ["LAB"], "image": [b"\x89PNG"]}),
+        tmp_path / "data" / "part-00000.parquet",
+    )
+    with pytest.raises(DataError, match="data holds particles, not embeddings: run `xmodal embed"):
+        benchmark(tmp_path / "data", tmp_path / "o4", **kw)
+    assert not (tmp_path / "o4").exists()

@@ -8,7 +8,9 @@ from __future__ import annotations
 import shutil
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -53,6 +55,13 @@ def _in_process(ckpt, shard) -> dict[str, np.ndarray]:
     table = pq.read_table(shard)
     batch = table_to_model_batch(table, 24, 32)
     return embed_arrays(model_from_state(state, torch.device("cpu")), batch, torch.device("cpu"))
+
+
+def _read_as_dataset(out) -> int:
+    """Rows of ``out`` read as one Parquet dataset by pyarrow and by pandas (they must agree)."""
+    rows = ds.dataset(out, format="parquet").count_rows()
+    assert len(pd.read_parquet(out)) == rows
+    return rows
 
 
 def _mtimes(out) -> dict[str, int]:
@@ -105,6 +114,7 @@ def test_embed_streams_resumes_and_grows(ray_session, archive, tmp_path, monkeyp
                     np.stack(got.column(f"{m}_emb").to_pylist()), expected[m], atol=1e-5
                 )
     assert len(load_embeddings(out)) == 4 * ROWS
+    assert _read_as_dataset(out) == 4 * ROWS  # the manifest does not break Parquet dataset readers
     assert embed_mod.CHECKPOINT_KEY == CHECKPOINT_KEY  # the key `xmodal index build` reads
 
     # run 3: a re-ingest rewrote two shards under their names, one with more rows, one with the
@@ -207,3 +217,41 @@ def test_outputs_from_before_source_stamps_are_kept_when_their_rows_match(tmp_pa
     targets, skipped, changed = embed_mod._plan(sorted(data.glob("*.parquet")), data, out)
     assert skipped == 1 and changed == ["b.parquet"]  # b has 2 input rows but 3 embedded
     assert [t.dest.name for t in targets.values()] == ["b.parquet"]
+
+
+def test_output_from_before_the_manifest_rename_resumes_and_becomes_a_dataset(
+    archive, tmp_path, capsys
+) -> None:
+    """Outputs written when the manifest was ``embed.json`` (which pyarrow reads as a broken Parquet
+    file): a rerun honours that manifest, skips the finished shards (no Ray work) and renames it."""
+    data, out = tmp_path / "data", tmp_path / "emb"
+    (data / "sub").mkdir(parents=True)
+    names = ["part-00000.parquet", "sub/part-00002.parquet"]
+    for name in names:
+        shutil.copy(archive / "data" / name, data / name)
+    ckpt = archive / "ckpt" / "checkpoint.pt"
+    embed_mod._claim_output(out, ckpt, False, False)
+    (out / embed_mod.MANIFEST).rename(out / "embed.json")  # the old layout
+    targets, _, _ = embed_mod._plan(sorted(data.rglob("*.parquet")), data, out)
+    shards = embed_mod._ShardOutputs(targets, False, str(ckpt.resolve()))
+    for source, shard in targets.items():  # finished outputs (any vectors will do: none is re-embedded)
+        ids = pq.read_table(source).column("particle_id").cast(pa.string())
+        vec = pa.array([[0.5] * 16] * shard.rows, pa.list_(pa.float32()))
+        shards.write(
+            source,
+            pa.table({"particle_id": ids, "label": ids, "domain": ids, "image_emb": vec, "profile_emb": vec}),
+        )
+    assert not shards.unfinished()
+    with pytest.raises(pa.ArrowInvalid, match="embed.json"):  # what the reviewer hit
+        ds.dataset(out, format="parquet").count_rows()
+    before = _mtimes(out)
+    with pytest.raises(FileExistsError, match="--overwrite"):  # the old manifest still guards --out
+        embed(archive / "other", data, out)
+    capsys.readouterr()
+    embed(archive / "ckpt", data, out)
+    assert "2 of 2 shards already embedded" in capsys.readouterr().out
+    assert _mtimes(out) == before  # nothing embedded again
+    assert not (out / "embed.json").exists() and (out / embed_mod.MANIFEST).exists()
+    assert _read_as_dataset(out) == 2 * ROWS
+    with pytest.raises(FileExistsError, match="--overwrite"):  # ... and so does the renamed one
+        embed(archive / "other", data, out)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from xmodal.config import ConfigError
 from xmodal.data.quarantine import DataError
-from xmodal.eval.embeddings import EmbeddingSet, load_embeddings
+from xmodal.eval.embeddings import EmbeddingSet, check_same_checkpoint, embeddings_checkpoint, load_embeddings
 from xmodal.eval.protocol import COMBOS, ProtocolResult, run_protocol
 from xmodal.eval.report import markdown, write_report
 
@@ -99,6 +99,10 @@ def benchmark(
     for name, path in models.items():
         es = load_embeddings(path)
         if name in queries:
+            # a model's gallery and queries must share its space (different models, side by side, need not)
+            check_same_checkpoint(
+                path, embeddings_checkpoint(path), queries[name], embeddings_checkpoint(queries[name])
+            )
             gallery = _domain(es, gallery_domain, path, "gallery")
             qset = _domain(load_embeddings(queries[name]), query_domain, queries[name], "query")
         elif query_domain is not None:

@@ -19,7 +19,7 @@ import torch
 from xmodal.config import ConfigError
 from xmodal.data.pipeline import COLUMNS, read_parquet, table_to_model_batch
 from xmodal.data.schema import parquet_files
-from xmodal.eval.embeddings import EmbeddingSet, embedding_column
+from xmodal.eval.embeddings import CHECKPOINT_KEY, MANIFEST, OLD_MANIFEST, EmbeddingSet, embedding_column
 from xmodal.eval.progress import ProgressLog
 
 MODEL_KEYS = ("image", "image_meta", "profile", "profile_mask", "profile_meta", "has_image", "has_profile")
@@ -130,9 +130,7 @@ class Embedder:
         return pa.table(out)
 
 
-MANIFEST = "embed.json"
-CHECKPOINT_KEY = b"xmodal.checkpoint"  # Parquet metadata: which model made a shard (read by `xmodal index`)
-SOURCE_KEY = b"xmodal.source"  # ... from which input shard (its resolved path)
+SOURCE_KEY = b"xmodal.source"  # Parquet metadata beside CHECKPOINT_KEY: from which input shard (its resolved path)
 SOURCE_STAMP_KEY = b"xmodal.source_stamp"  # ... and which version of it (rows and bytes)
 
 
@@ -195,7 +193,9 @@ def _claim_output(out: Path, ckpt_file: Path, float16: bool, overwrite: bool) ->
         "checkpoint_sha256": _sha256(ckpt_file),
         "float16": float16,
     }
-    path = out / MANIFEST
+    path, old_path = out / MANIFEST, out / OLD_MANIFEST
+    if not path.exists() and old_path.exists():  # a folder written before the rename
+        path = old_path
     if overwrite:
         for old in [*out.rglob("*.parquet"), *out.rglob("*.parquet.tmp"), path]:
             old.unlink(missing_ok=True)
@@ -216,7 +216,8 @@ def _claim_output(out: Path, ckpt_file: Path, float16: bool, overwrite: bool) ->
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.rglob("*.parquet.tmp"):  # a shard that an interrupted run had in flight
         stale.unlink()
-    path.write_text(json.dumps(manifest, indent=1))
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    old_path.unlink(missing_ok=True)  # written under the new name: the folder reads as a dataset
 
 
 def _plan(files: list[Path], data: Path, out: Path) -> tuple[dict[str, _Shard], int, list[str]]:

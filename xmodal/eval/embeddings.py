@@ -10,10 +10,17 @@ One row per particle (docs/INTERFACES.md)::
 
 A model with one modality (the DINO baseline) leaves the other column all-null; in memory that
 modality then has width 0. Everything after embedding (k-NN, protocol, reports) starts from here.
+
+Embeddings of different checkpoints live in different spaces: comparing them gives meaningless
+neighbours of the right shape. ``xmodal embed`` records its checkpoint in every shard's Parquet
+metadata (``CHECKPOINT_KEY``) and, with the file's SHA-256, in its manifest (``MANIFESTS``);
+``embeddings_checkpoint`` reads it (refusing a folder whose shards disagree) and
+``check_same_checkpoint`` is what every search of one set against another calls first.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +34,13 @@ from xmodal.data.quarantine import DataError
 
 MODALITIES = ("image", "profile")
 _UNLABELLED = {"", "unlabelled", "unlabeled"}
+# Written by `xmodal embed` (xmodal.eval.embed, which imports them from here)
+CHECKPOINT_KEY = b"xmodal.checkpoint"  # Parquet metadata: the checkpoint file that made a shard
+# In the output folder: {"checkpoint": path, "checkpoint_sha256": ...}. Its name starts with "_" so
+# that Parquet dataset readers (pyarrow.dataset, pandas.read_parquet, Spark) skip it.
+MANIFEST = "_embed.json"
+OLD_MANIFEST = "embed.json"  # its name in older outputs: still read, renamed by the next embed run
+MANIFESTS = (MANIFEST, OLD_MANIFEST)
 
 
 @dataclass
@@ -155,12 +169,17 @@ def embeddings_table(es: EmbeddingSet, float16: bool = False) -> pa.Table:
     )
 
 
-def write_embeddings(es: EmbeddingSet, out_dir: str | Path, float16: bool = False) -> Path:
+def write_embeddings(
+    es: EmbeddingSet, out_dir: str | Path, float16: bool = False, checkpoint: str = ""
+) -> Path:
     """Write ``es`` as a new shard ``out_dir/part-NNNNN.parquet`` (the next free number), so
-    repeated calls, also from concurrent writers, append shards. Returns the shard path."""
+    repeated calls, also from concurrent writers, append shards; ``checkpoint`` (the file that
+    made them) is recorded as `xmodal embed` records it. Returns the shard path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = embeddings_table(es, float16)
+    if checkpoint:
+        table = table.replace_schema_metadata({CHECKPOINT_KEY: checkpoint.encode()})
     taken = [int(p.stem.split("-")[1]) for p in out.glob("part-*.parquet") if p.stem.split("-")[1].isdigit()]
     number = max(taken, default=-1) + 1
     while True:
@@ -218,11 +237,24 @@ def _matrix(table: pa.Table, column: str, where: Path) -> tuple[np.ndarray, np.n
     return out, valid
 
 
-def _read_file(path: Path) -> EmbeddingSet:
-    table = pq.read_table(path)
-    missing = [c for c in ("particle_id", "label", "domain") if c not in table.column_names]
+def _check_columns(names: Sequence[str], path: Path, root: Path) -> None:
+    """An embeddings shard has the id columns and at least one embedding column. Particles (what
+    ingest writes, with ``image``/``profile``) have the id columns too, so they are named as such."""
+    if "image_emb" not in names and "profile_emb" not in names:
+        if "image" in names or "profile" in names:
+            raise DataError(
+                f"{root} holds particles, not embeddings: run `xmodal embed --checkpoint RUN "
+                f"--data {root} --out OUT` first and pass OUT"
+            )
+        raise DataError(f"{path}: no image_emb or profile_emb column; is this an `xmodal embed` output?")
+    missing = [c for c in ("particle_id", "label", "domain") if c not in names]
     if missing:
         raise DataError(f"{path}: missing column(s) {missing}; is this an `xmodal embed` output?")
+
+
+def _read_file(path: Path, root: Path | None = None) -> EmbeddingSet:
+    table = pq.read_table(path)
+    _check_columns(table.column_names, path, root or path)
     image, image_valid = _matrix(table, "image_emb", path)
     profile, profile_valid = _matrix(table, "profile_emb", path)
     return EmbeddingSet(
@@ -238,9 +270,11 @@ def _read_file(path: Path) -> EmbeddingSet:
 
 def load_embeddings(path: str | Path) -> EmbeddingSet:
     """One Parquet file or every ``*.parquet`` under a folder (sorted), as float32. Duplicate
-    particle ids are an error: a particle in the gallery twice would be its own exact match."""
+    particle ids are an error: a particle in the gallery twice would be its own exact match; so
+    are particles (not embeddings) and shards embedded by different checkpoints."""
     root = Path(path)
-    es = EmbeddingSet.concat([_read_file(f) for f in _embedding_files(root)])
+    embeddings_checkpoint(root)  # a particle folder, or shards of several models, are refused here
+    es = EmbeddingSet.concat([_read_file(f, root) for f in _embedding_files(root)])
     ids, counts = np.unique(es.particle_id.astype(str), return_counts=True)
     if (counts > 1).any():
         dup = ids[counts > 1]
@@ -249,3 +283,69 @@ def load_embeddings(path: str | Path) -> EmbeddingSet:
             "remove the duplicate shard or re-run `xmodal embed` into an empty folder"
         )
     return es
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """The checkpoint that embedded a set: the file `xmodal embed` recorded and, when its
+    manifest (``MANIFESTS``) (or an index's meta.json) is there, the file's SHA-256, which identifies the
+    model also when the run folder was copied or mounted elsewhere."""
+
+    path: str
+    sha256: str = ""
+
+    def same_as(self, other: Checkpoint) -> bool:
+        if self.sha256 and other.sha256:
+            return self.sha256 == other.sha256
+        return self.path == other.path
+
+
+def embeddings_checkpoint(path: str | Path) -> Checkpoint | None:
+    """The checkpoint recorded for the embeddings at ``path`` (a shard or a folder), None when
+    none is (outputs of older versions, or of other writers). Reads only the shards' schemas;
+    refuses a particle folder and a folder whose shards were embedded by different checkpoints
+    (e.g. two `xmodal embed` outputs under one parent, read as one set)."""
+    root = Path(path)
+    seen: dict[str, Path] = {}  # checkpoint -> first shard recording it
+    for f in _embedding_files(root):
+        schema = pq.read_schema(f)
+        _check_columns(schema.names, f, root)
+        recorded = (schema.metadata or {}).get(CHECKPOINT_KEY, b"").decode()
+        if recorded:  # an empty input shard's output records none
+            seen.setdefault(recorded, f)
+    if len(seen) > 1:
+        (a, fa), (b, fb) = list(seen.items())[:2]
+        raise DataError(
+            f"{root} mixes embeddings of {len(seen)} checkpoints ({fa} from {a}, {fb} from {b}); "
+            "one set must come from one model: pass a single `xmodal embed --out` folder, or embed "
+            "into an empty folder with one checkpoint"
+        )
+    manifest = next((root / m for m in MANIFESTS if (root / m).is_file()), None) if root.is_dir() else None
+    info = json.loads(manifest.read_text()) if manifest else {}
+    if not seen:
+        # no shard records one: outputs of older versions, where the manifest may still say
+        return (
+            Checkpoint(info["checkpoint"], info.get("checkpoint_sha256", ""))
+            if info.get("checkpoint")
+            else None
+        )
+    recorded = next(iter(seen))
+    # the hash only when the manifest speaks of the same file as the shards
+    return Checkpoint(
+        recorded, info.get("checkpoint_sha256", "") if info.get("checkpoint") == recorded else ""
+    )
+
+
+def check_same_checkpoint(
+    first: str | Path, first_ckpt: Checkpoint | None, second: str | Path, second_ckpt: Checkpoint | None
+) -> None:
+    """Refuse to search one set of embeddings (or an index) with another made by a different
+    checkpoint: their vectors are not comparable, yet every search would run and return neighbours.
+    Sets without a recorded checkpoint (older outputs) pass."""
+    if first_ckpt is None or second_ckpt is None or first_ckpt.same_as(second_ckpt):
+        return
+    raise DataError(
+        f"{first} holds embeddings of checkpoint {first_ckpt.path} but {second} of {second_ckpt.path}; "
+        "embeddings of different checkpoints are not comparable: embed both with the same checkpoint "
+        "(`xmodal embed --checkpoint RUN`)"
+    )

@@ -37,7 +37,8 @@ import pyarrow.parquet as pq
 from xmodal.config import ConfigError
 from xmodal.data.quarantine import DataError
 from xmodal.data.schema import parquet_files
-from xmodal.eval.embeddings import load_embeddings
+from xmodal.eval.embeddings import CHECKPOINT_KEY as CHECKPOINT_KEY  # kept importable from here
+from xmodal.eval.embeddings import embeddings_checkpoint, load_embeddings
 from xmodal.eval.progress import ProgressLog
 from xmodal.index.device import GPU_MAX_K, gpu_clustering_index, gpu_count, set_search_param, to_search_device
 from xmodal.index.store import ID_SCHEMA, save_index
@@ -47,9 +48,6 @@ APPROX = ("ivf-flat", "ivf-pq", "hnsw")
 RECALL_K = 10
 MIN_PER_LIST = 39  # training rows per IVF list below which FAISS's k-means warns
 MIN_PQ_TRAIN = 256  # PQ codebooks of 8 bits: 256 centroids, each needs a training row
-# Parquet metadata that `xmodal embed` writes (xmodal.eval.embed.CHECKPOINT_KEY; not imported from
-# there because that module loads torch, which building an index does not need; a test checks both agree)
-CHECKPOINT_KEY = b"xmodal.checkpoint"
 
 
 @dataclass
@@ -78,12 +76,7 @@ class _Scan:
     dim: int
     sample_rows: np.ndarray
     sample: np.ndarray
-    checkpoint: str
-
-
-def _checkpoint_of(path: Path) -> str:
-    meta = pq.read_schema(path).metadata or {}
-    return meta.get(CHECKPOINT_KEY, b"").decode()
+    left_out: int  # particles without any embedding of the kind: not in the index
 
 
 def _sample_size(upper: int, o: BuildOptions) -> int:
@@ -102,7 +95,7 @@ def _scan(files: list[Path], kind: str, want: int, seed: int, log: ProgressLog) 
     p = min(1.0, 1.5 * want / max(upper, 1))  # Bernoulli rate that leaves a margin over `want`
     rng = np.random.default_rng(seed)
     tables, sample_rows, sample, dims = [], [], [], set()
-    rows_so_far = particles_so_far = 0
+    rows_so_far = particles_so_far = left_out = 0
     for f in files:
         es = load_embeddings(f)
         rows = kind_rows(es, kind, where=str(f))
@@ -125,6 +118,7 @@ def _scan(files: list[Path], kind: str, want: int, seed: int, log: ProgressLog) 
         sample.append(rows.vectors[picked])
         rows_so_far += len(rows.particle)
         particles_so_far += len(es)
+        left_out += len(es) - len(np.unique(rows.particle))
         log.update(len(es))
     if len(dims) > 1:
         raise DataError(
@@ -137,9 +131,7 @@ def _scan(files: list[Path], kind: str, want: int, seed: int, log: ProgressLog) 
         )
     ids = pa.concat_tables(tables)
     _check_unique(ids, modalities(kind), files[0].parent)
-    return _Scan(
-        files, ids, dims.pop(), np.concatenate(sample_rows), np.concatenate(sample), _checkpoint_of(files[0])
-    )
+    return _Scan(files, ids, dims.pop(), np.concatenate(sample_rows), np.concatenate(sample), left_out)
 
 
 def _check_unique(ids: pa.Table, mods: tuple[str, ...], where: Path) -> None:
@@ -270,6 +262,7 @@ def build_index(
     """Build, measure and save an index of ``embeddings`` (folder or file) into ``out``; returns meta."""
     o = options or BuildOptions()
     files = parquet_files(embeddings)
+    recorded = embeddings_checkpoint(embeddings)  # also refuses particles, and shards of several models
     n_gpus = gpu_count(o.use_gpu)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -346,11 +339,14 @@ def build_index(
         timings["tune_s"] = time.perf_counter() - t3
     meta = {
         "embeddings": str(Path(embeddings).resolve()),
-        "checkpoint": o.checkpoint or scan.checkpoint,
+        "checkpoint": o.checkpoint or (recorded.path if recorded else ""),
+        # identifies the model wherever its file lies (see Checkpoint); unknown for a checkpoint given by hand
+        "checkpoint_sha256": "" if o.checkpoint or recorded is None else recorded.sha256,
         "kind": o.kind,
         "dim": scan.dim,
         "count": rows,
         "particles": int(pc.count_distinct(scan.ids.column("particle")).as_py()),
+        "particles_left_out": scan.left_out,
         "index_type": index_type,
         "factory": spec,
         "params": {**params, **search_param},
@@ -370,6 +366,13 @@ def build_index(
         f"recall@10 {recall:.3f}{' (exact)' if index_type == 'flat' else ''} "
         f"in {sum(timings.values()):.1f}s -> {out}"
     )
+    if scan.left_out:  # said, not silent: these particles can never be found in this index
+        what = " or ".join(modalities(o.kind))
+        print(
+            f"[xmodal] index: {scan.left_out:,} of {total:,} particles have no {what} embedding and are "
+            "left out of the index"
+            + (" (--kind fused indexes each particle by what it has)" if o.kind != "fused" else "")
+        )
     if index_type != "flat" and recall < o.target_recall:
         print(
             f"[xmodal] warning: recall@10 {recall:.3f} is below the target {o.target_recall} at the "

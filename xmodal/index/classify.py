@@ -15,6 +15,11 @@ A particle whose score is below the threshold is predicted ``unknown``. The thre
 calibrated by leave-one-out on the gallery: each gallery particle is classified against the others,
 and the threshold is the largest that still accepts ``accept`` of them. Since ``unknown`` names the
 rejected particles, a gallery may not have a class of that name.
+
+A particle with no embedding of the query kind (no image, with ``query_kind="image"``) is not
+searched at all: it is predicted ``no_image`` (``outputs.NOT_CLASSIFIED``), not ``unknown``, and
+counted apart. Gallery and queries must come from one checkpoint (else their vectors are not
+comparable): the recorded checkpoints are compared before anything is searched.
 """
 
 from __future__ import annotations
@@ -35,13 +40,27 @@ import pyarrow.parquet as pq
 from xmodal.config import ConfigError
 from xmodal.data.quarantine import DataError
 from xmodal.data.schema import parquet_files
-from xmodal.eval.embeddings import EmbeddingSet, load_embeddings
+from xmodal.eval.embeddings import (
+    Checkpoint,
+    EmbeddingSet,
+    check_same_checkpoint,
+    embeddings_checkpoint,
+    load_embeddings,
+)
 from xmodal.eval.knn import vote
 from xmodal.eval.progress import ProgressLog
-from xmodal.index.html import contact_sheet, read_images
-from xmodal.index.outputs import PREDICTION_SCHEMA, UNKNOWN, PredictionWriter
+from xmodal.index.html import contact_sheet, sheet_images
+from xmodal.index.outputs import (
+    NOT_CLASSIFIED,
+    PREDICTION_SCHEMA,
+    RESERVED,
+    UNKNOWN,
+    PredictionWriter,
+    check_volume,
+    classified,
+)
 from xmodal.index.search import QueryVectors, check_k, search_index, search_rows, top_particles
-from xmodal.index.store import META_FILE, load_index
+from xmodal.index.store import META_FILE, index_checkpoint, load_index
 from xmodal.index.vectors import kind_rows, modalities, query_vectors
 
 
@@ -58,6 +77,7 @@ class Gallery:
     # modality -> (P, D) vectors and valid (P,): each gallery particle as a query (leave-one-out)
     vectors: dict[str, tuple[np.ndarray, np.ndarray]]
     source: str
+    checkpoint: Checkpoint | None = None  # the model that embedded it, when recorded
 
     @functools.cached_property
     def particle_label(self) -> np.ndarray:
@@ -69,12 +89,15 @@ class Gallery:
 
 def _encode(labels: np.ndarray, source: str | Path) -> tuple[np.ndarray, list[str]]:
     """Class codes of ``labels`` (in sorted class order) and the classes; refuses a class named like
-    the rejection label, which would make its predictions indistinguishable from rejected ones."""
+    the rejection label (or a not-classified one), which would make its predictions
+    indistinguishable from rejected ones."""
     classes = sorted(set(labels.tolist()))
-    if UNKNOWN in classes:
+    taken = [c for c in RESERVED if c in classes]
+    if taken:
         raise DataError(
-            f"{source}: the gallery has a class named {UNKNOWN!r}, the name classify gives rejected "
-            "particles; rename that class (e.g. 'unidentified') or leave its particles out of the gallery"
+            f"{source}: the gallery has a class named {taken[0]!r}, a name classify gives particles it "
+            "rejects or cannot search; rename that class (e.g. 'unidentified') or leave its particles "
+            "out of the gallery"
         )
     lookup = {c: i for i, c in enumerate(classes)}
     return np.array([lookup[v] for v in labels], dtype=np.int64), classes
@@ -93,8 +116,17 @@ def gallery_from_embeddings(path: str | Path, kind: str = "fused") -> Gallery:
     index = faiss.IndexFlatIP(rows.vectors.shape[1])
     index.add(rows.vectors)
     codes, classes = _encode(es.label[rows.particle], path)
+    vectors = query_vectors(es, "fused")
     return Gallery(
-        index, kind, codes, classes, rows.particle, es.particle_id, query_vectors(es, "fused"), str(path)
+        index,
+        kind,
+        codes,
+        classes,
+        rows.particle,
+        es.particle_id,
+        vectors,
+        str(path),
+        embeddings_checkpoint(path),
     )
 
 
@@ -127,6 +159,7 @@ def gallery_from_index(path: str | Path, use_gpu: bool | None = None) -> Gallery
         stored.ids.particle_id[first],
         vectors,
         str(path),
+        index_checkpoint(stored.meta),
     )
 
 
@@ -240,18 +273,29 @@ def _lists(values: np.ndarray, present: np.ndarray, type_: pa.DataType) -> pa.Ar
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values[present].tolist(), type=type_))
 
 
-def prediction_table(es: EmbeddingSet, v: Votes, gallery: Gallery, threshold: float) -> pa.Table:
-    """One row per query particle (``outputs.PREDICTION_SCHEMA``)."""
+def prediction_table(
+    es: EmbeddingSet,
+    v: Votes,
+    gallery: Gallery,
+    threshold: float,
+    searched: np.ndarray | None = None,
+    query_kind: str = "fused",
+) -> pa.Table:
+    """One row per query particle (``outputs.PREDICTION_SCHEMA``). ``searched`` (default all):
+    particles that had a query vector of ``query_kind``; the others were never compared with the
+    gallery, so they are not ``unknown`` (rejected) but ``NOT_CLASSIFIED[query_kind]``."""
     names = np.array([*gallery.classes, None], dtype=object)  # code -1 -> None
     best = names[v.best]
     accepted = (v.best >= 0) & (v.score >= threshold)
+    searched = np.ones(len(es), bool) if searched is None else np.asarray(searched, bool)
+    prediction = np.where(searched, np.where(accepted, best, UNKNOWN), NOT_CLASSIFIED[query_kind])
     present = v.neighbours >= 0
     nearest = np.maximum(v.neighbours, 0)
     columns = {
         "particle_id": es.particle_id.tolist(),
         "domain": es.domain.tolist(),
         "label": es.label.tolist(),
-        "prediction": np.where(accepted, best, UNKNOWN).tolist(),
+        "prediction": prediction.tolist(),
         "best_class": best.tolist(),
         "confidence": v.confidence,
         "similarity": v.similarity,
@@ -296,12 +340,14 @@ def classify(
     (``particles``) and of the gallery (``gallery_particles``) for their images.
     """
     check_k(k)
+    check_volume(volume_ml)
     if html and (particles is None or gallery_particles is None):
         raise ConfigError(
             "--html needs --particles (the queries' particle Parquet) and --gallery-particles "
             "(the gallery's) to show their images"
         )
     g = open_gallery(gallery, kind, use_gpu)
+    check_same_checkpoint(g.source, g.checkpoint, queries, embeddings_checkpoint(queries))
     qk = query_kind or g.kind
     modalities(qk)
     cal = calibrate(g, k, accept, qk) if threshold is None else {"threshold": float(threshold)}
@@ -312,16 +358,18 @@ def classify(
     sample: pa.Table | None = None
     for f in files:
         es = load_embeddings(f)
-        pred = prediction_table(
-            es, vote_queries(g, query_vectors(es, qk, where=str(f)), k), g, cal["threshold"]
-        )
+        qv = query_vectors(es, qk, where=str(f))
+        searched = np.logical_or.reduce([ok for _, ok in qv.values()])
+        pred = prediction_table(es, vote_queries(g, qv, k), g, cal["threshold"], searched, qk)
         writer.write(pred)
-        if html:  # keep the html_sample smallest keys seen so far
-            pool = pred if sample is None else pa.concat_tables([sample, pred])
+        if html:  # keep the html_sample smallest keys seen so far, among particles with neighbours
+            pool = pred.filter(classified(pred))
+            pool = pool if sample is None else pa.concat_tables([sample, pool])
             keys = _sample_key(pool.column("particle_id").to_pylist())
             sample = pool.take(np.argsort(keys, kind="stable")[:html_sample])
         log.update(len(es))
     counts = writer.close(volume_ml)
+    skipped = sum(writer.not_classified.values())
     summary = {
         "gallery": g.source,
         "queries": str(queries),
@@ -331,6 +379,8 @@ def classify(
         "classes": g.classes,
         "particles": writer.rows,
         "unknown": int(writer.counts.get(UNKNOWN, 0)),
+        # never searched (no embedding of the query kind): not in counts, nor in the EcoTaxa file
+        "not_classified": dict(writer.not_classified),
         "calibration": cal,
         "volume_ml": volume_ml,
         "counts": counts.to_dict(orient="records"),
@@ -338,20 +388,27 @@ def classify(
     }
     summary_file = out / "summary.json"
     summary_file.write_text(json.dumps(summary, indent=1, default=str))
-    if html:
+    if html and sample is not None:
         sample = sample.to_pandas().sort_values("particle_id")
         gallery_ids = {i for ids in sample["neighbour_ids"] for i in ids}
         sheet = contact_sheet(
             sample,
-            read_images(particles, sample["particle_id"]),
-            read_images(gallery_particles, gallery_ids),
+            sheet_images(particles, sample["particle_id"], "--particles", "query"),
+            sheet_images(gallery_particles, gallery_ids, "--gallery-particles", "gallery"),
             out / "contact_sheet.html",
             title=f"xmodal classify: {Path(queries).name} vs {Path(g.source).name}",
         )
         summary["html"] = str(sheet)
         summary_file.write_text(json.dumps(summary, indent=1, default=str))
     print(
-        f"[xmodal] classified {writer.rows:,} particles against {len(g.classes)} classes "
-        f"({summary['unknown']:,} unknown at threshold {cal['threshold']:.3f}) in {log.elapsed:.1f}s -> {out}"
+        f"[xmodal] classified {writer.rows - skipped:,} of {writer.rows:,} particles against "
+        f"{len(g.classes)} classes ({summary['unknown']:,} unknown at threshold {cal['threshold']:.3f}) "
+        f"in {log.elapsed:.1f}s -> {out}"
     )
+    if skipped:
+        print(
+            f"[xmodal] {skipped:,} particles not classified: no {' or '.join(modalities(qk))} embedding "
+            f"(--query-kind {qk}); left out of counts.csv and ecotaxa.tsv, listed in predictions as "
+            f"{NOT_CLASSIFIED[qk]!r} (another --query-kind may classify them)"
+        )
     return summary

@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
+from xmodal.data.quarantine import DataError
 from xmodal.data.schema import parquet_files
 from xmodal.data.transforms import to_gray8
 
@@ -48,10 +49,11 @@ def image_uri(data: bytes) -> str | None:
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
-def read_images(particles: str | Path, wanted: Iterable[str]) -> dict[str, bytes]:
-    """Encoded images of the ``wanted`` particle ids from a particles Parquet folder, shard by shard."""
+def read_images(particles: str | Path, wanted: Iterable[str]) -> dict[str, bytes | None]:
+    """Encoded images of the ``wanted`` particle ids found in a particles Parquet folder, shard by
+    shard (None: the particle is there without an image); ids not found are not in the result."""
     value_set = pa.array(sorted(set(wanted)), type=pa.string())
-    found: dict[str, bytes] = {}
+    found: dict[str, bytes | None] = {}
     for f in parquet_files(particles):
         if len(found) == len(value_set):
             break
@@ -60,25 +62,47 @@ def read_images(particles: str | Path, wanted: Iterable[str]) -> dict[str, bytes
             continue
         rows = pq.read_table(f, columns=["particle_id", "image"]).filter(mask)
         for pid, img in zip(rows.column("particle_id").to_pylist(), rows.column("image").to_pylist()):
-            if img is not None:
-                found[pid] = img
+            found[pid] = img
     return found
 
 
-def _cell(pid: str, images: dict[str, bytes], caption: str, cls: str = "") -> str:
+def sheet_images(
+    particles: str | Path, wanted: Iterable[str], option: str, role: str
+) -> dict[str, bytes | None]:
+    """``read_images`` for the sheet, which is worthless when the particles are not there (the
+    wrong folder passed as ``option``): an error when none is found, a warning when some are not."""
+    wanted = sorted(set(wanted))
+    found = read_images(particles, wanted)
+    missing = [pid for pid in wanted if pid not in found]
+    if wanted and len(missing) == len(wanted):
+        raise DataError(
+            f"{option} {particles}: none of the {len(wanted)} {role} particles of the contact sheet is "
+            f"there (e.g. {missing[0]}); pass the particle folder the {role} embeddings were made from "
+            "(their `xmodal embed --data`)"
+        )
+    if missing:
+        print(
+            f"[xmodal] warning: {len(missing)} of {len(wanted)} {role} particles of the contact sheet "
+            f"are not in {option} {particles} (e.g. {missing[0]}); they show as 'not found'"
+        )
+    return found
+
+
+def _cell(pid: str, images: dict[str, bytes | None], caption: str, cls: str = "") -> str:
     img = images.get(pid)
     uri = image_uri(img) if img else None
     if uri:
         body = f'<img src="{uri}" alt="{html.escape(pid)}">'
     else:
-        body = f'<div class="missing">{"unreadable image" if img else "no image"}</div>'
+        text = "unreadable image" if img else "no image" if pid in images else "not found"
+        body = f'<div class="missing">{text}</div>'
     return f'<td class="{cls}">{body}<div>{html.escape(pid)}</div><div>{caption}</div></td>'
 
 
 def contact_sheet(
     sample: pd.DataFrame,
-    query_images: dict[str, bytes],
-    gallery_images: dict[str, bytes],
+    query_images: dict[str, bytes | None],
+    gallery_images: dict[str, bytes | None],
     out: str | Path,
     title: str = "xmodal classification",
 ) -> Path:

@@ -8,6 +8,13 @@
 In the EcoTaxa file an accepted prediction is ``object_annotation_category`` with status
 ``predicted``; a rejected one (``unknown``) leaves both empty, so EcoTaxa shows it as unclassified
 for a person to sort, and keeps the best guess in ``object_xmodal_best_guess``.
+
+A particle without the embedding the search needs (no image under ``--query-kind image``; see
+``NOT_CLASSIFIED``) was never compared with the gallery. Its prediction says so (``no_image``...)
+in predictions.parquet/.csv, but it is neither a class nor ``unknown``: it is left out of
+counts.csv (so fractions and per-mL figures are of the classified particles only) and out of
+ecotaxa.tsv, where an empty category would read as "rejected, sort by hand" (an EcoTaxa import
+leaves objects it does not list as they were). summary.json counts them under ``not_classified``.
 """
 
 from __future__ import annotations
@@ -21,14 +28,19 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from xmodal.config import ConfigError
+
 UNKNOWN = "unknown"
+# query kind -> the prediction of a particle without any embedding of that kind (never searched)
+NOT_CLASSIFIED = {"image": "no_image", "profile": "no_profile", "fused": "no_image_or_profile"}
+RESERVED = (UNKNOWN, *NOT_CLASSIFIED.values())  # prediction values that are not gallery classes
 
 PREDICTION_SCHEMA = pa.schema(
     [
         ("particle_id", pa.string()),
         ("domain", pa.string()),
         ("label", pa.string()),  # the particle's own label when it has one (for evaluation)
-        ("prediction", pa.string()),  # class, or "unknown" below the threshold
+        ("prediction", pa.string()),  # class, "unknown" below the threshold, or a NOT_CLASSIFIED value
         ("best_class", pa.string()),  # the vote's winner before rejection
         ("confidence", pa.float32()),
         ("similarity", pa.float32()),
@@ -55,7 +67,18 @@ def _text(column: pa.ChunkedArray | pa.Array) -> pa.Array:
     return pc.fill_null(column, "")
 
 
+def classified(pred: pa.Table) -> pa.Array:
+    """Rows that were searched (a class or ``unknown``), as a boolean mask."""
+    return pc.invert(pc.is_in(pred.column("prediction"), value_set=pa.array(list(NOT_CLASSIFIED.values()))))
+
+
+def check_volume(volume_ml: float | None) -> None:
+    if volume_ml is not None and not volume_ml > 0:  # `not >` also refuses NaN
+        raise ConfigError(f"--volume-ml {volume_ml}: the sample volume must be a positive number of mL")
+
+
 def ecotaxa_table(pred: pa.Table) -> pa.Table:
+    pred = pred.filter(classified(pred))  # not classified: not a rejection, so not listed (see above)
     accepted = pc.not_equal(pred.column("prediction"), UNKNOWN)
     return pa.table(
         {
@@ -81,23 +104,26 @@ def csv_table(pred: pa.Table) -> pa.Table:
 
 def counts_frame(counts: Counter, volume_ml: float | None = None) -> pd.DataFrame:
     """Per predicted class (``unknown`` included), most frequent first."""
+    check_volume(volume_ml)
     total = sum(counts.values())
     rows = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
     df = pd.DataFrame({"class": [c for c, _ in rows], "count": [n for _, n in rows]})
     df["fraction"] = (df["count"] / max(total, 1)).round(6)
-    if volume_ml:
+    if volume_ml is not None:
         df["per_ml"] = (df["count"] / volume_ml).round(6)
     return df
 
 
 class PredictionWriter:
     """Appends each shard's predictions (a ``PREDICTION_SCHEMA`` table) to all outputs and counts
-    the predicted classes. Everything is columnar (Arrow), so a million particles take seconds."""
+    the predicted classes (``counts``) and the particles not classified (``not_classified``).
+    Everything is columnar (Arrow), so a million particles take seconds."""
 
     def __init__(self, out: str | Path):
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.counts: Counter = Counter()
+        self.not_classified: Counter = Counter()
         self.rows = 0
         self._parquet = pq.ParquetWriter(
             self.out / "predictions.parquet", PREDICTION_SCHEMA, compression="zstd"
@@ -120,7 +146,8 @@ class PredictionWriter:
         self._csv.write_table(csv_table(pred))
         self._tsv.write_table(ecotaxa_table(pred))
         for item in pc.value_counts(pred.column("prediction")).to_pylist():
-            self.counts[item["values"]] += item["counts"]
+            kept = self.not_classified if item["values"] in NOT_CLASSIFIED.values() else self.counts
+            kept[item["values"]] += item["counts"]
         self.rows += pred.num_rows
 
     def close(self, volume_ml: float | None = None) -> pd.DataFrame:

@@ -23,9 +23,9 @@ import pyarrow.parquet as pq
 from xmodal.config import ConfigError
 from xmodal.data.quarantine import DataError
 from xmodal.data.schema import parquet_files
-from xmodal.eval.embeddings import load_embeddings
+from xmodal.eval.embeddings import check_same_checkpoint, embeddings_checkpoint, load_embeddings
 from xmodal.index.device import GPU_MAX_K, gpu_count, set_search_param, to_search_device
-from xmodal.index.store import IdMap, StoredIndex, load_index
+from xmodal.index.store import IdMap, StoredIndex, index_checkpoint, load_index
 from xmodal.index.vectors import modalities, query_vectors
 
 QueryVectors = dict[str, tuple[np.ndarray, np.ndarray]]  # modality -> (vectors (Q, D), valid (Q,))
@@ -196,10 +196,20 @@ def search_embeddings(
     query_kind: str | None = None,
     use_gpu: bool | None = None,
 ) -> Iterator[pd.DataFrame]:
-    """Neighbours of new particles, one frame per embeddings shard (archives are streamed)."""
+    """Neighbours of new particles, one frame per embeddings shard (archives are streamed). The
+    checks (among them: the particles were embedded by the index's checkpoint) run at the call,
+    before the first frame is asked for."""
     check_k(k)
     stored = load_index(index_dir)
-    index = search_index(stored, use_gpu)
+    check_same_checkpoint(
+        index_dir, index_checkpoint(stored.meta), embeddings, embeddings_checkpoint(embeddings)
+    )
+    return _embedding_frames(stored, search_index(stored, use_gpu), embeddings, k, query_kind)
+
+
+def _embedding_frames(
+    stored: StoredIndex, index: faiss.Index, embeddings: str | Path, k: int, query_kind: str | None
+) -> Iterator[pd.DataFrame]:
     for f in parquet_files(embeddings):
         es = load_embeddings(f)
         queries = query_vectors(es, query_kind or stored.kind, where=str(f))

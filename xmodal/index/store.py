@@ -3,8 +3,8 @@
     index.faiss   the FAISS index in CPU form (FAISS's own format: no pickle)
     ids.parquet   one row per index row, in FAISS id order: particle (ordinal), particle_id, label,
                   domain, modality ("image" | "profile")
-    meta.json     how it was built: embeddings, checkpoint, kind, dim, count, index type, parameters,
-                  recall@10 against exact search
+    meta.json     how it was built: embeddings, checkpoint (and its SHA-256), kind, dim, count, index
+                  type, parameters, recall@10 against exact search
 
 Files are written under temporary names and renamed, so a crash never leaves a half index that
 looks whole.
@@ -22,6 +22,8 @@ import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from xmodal.eval.embeddings import Checkpoint
 
 INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.parquet"
@@ -107,6 +109,13 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     if meta.get("format") != FORMAT:
         raise ValueError(f"{f}: format {meta.get('format')!r}, expected {FORMAT!r}; rebuild the index")
     return meta
+
+
+def index_checkpoint(meta: dict[str, Any]) -> Checkpoint | None:
+    """The checkpoint that embedded an index's rows, None when not recorded (older indexes)."""
+    if not meta.get("checkpoint"):
+        return None
+    return Checkpoint(str(meta["checkpoint"]), str(meta.get("checkpoint_sha256") or ""))
 
 
 def load_index(path: str | Path) -> StoredIndex:

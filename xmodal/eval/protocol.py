@@ -17,6 +17,11 @@ Rules
   are nested in n, and combinations that need the same modalities share the same gallery.
 * A particle lacking a modality that a combination needs is excluded from that cell, and counted
   (``excluded_gallery`` / ``excluded_queries``).
+* A query whose class has no particle in the gallery (split mode: a class absent from the gallery
+  set; or one whose gallery particles all lack the combination's modalities) can never be right; it
+  stays a query and an error, as in the paper, and is counted (``unreachable_queries``), which caps
+  the cell's accuracy. In single mode a class with at most n particles gives all of them to the
+  gallery and no query, so larger n are scored on fewer classes (``query_classes``).
 * Metrics per run: accuracy and macro precision / recall / F1 over the classes that occur among the
   true or predicted labels (scikit-learn's ``average="macro"``, 0 for an undefined ratio), reported as
   mean and population std over repeats x folds, like the authors' notebook; the confusion matrix and
@@ -82,12 +87,20 @@ class Cell:
     n_queries: list[int] = field(default_factory=list)
     excluded_gallery: list[int] = field(default_factory=list)
     excluded_queries: list[int] = field(default_factory=list)
+    unreachable_queries: list[int] = field(default_factory=list)  # of a class absent from the gallery
+    query_classes: list[int] = field(default_factory=list)  # classes that have queries
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> runs without a result
     predictions: list[dict[str, np.ndarray]] = field(default_factory=list)  # keep_predictions only
     confusion: np.ndarray = field(init=False)
+    unreachable_by_class: np.ndarray = field(init=False)  # pooled over runs, like the confusion matrix
 
     def __post_init__(self) -> None:
         self.confusion = np.zeros((self.n_classes, self.n_classes), dtype=np.int64)
+        self.unreachable_by_class = np.zeros(self.n_classes, dtype=np.int64)
+
+    def ceiling(self) -> list[float]:
+        """Per run, the best accuracy possible: the share of queries whose class is in the gallery."""
+        return [1 - u / q for u, q in zip(self.unreachable_queries, self.n_queries)]
 
     def mean(self, metric: str = "accuracy") -> float:
         values = getattr(self, metric)
@@ -145,8 +158,18 @@ def _cell_dict(c: Cell, classes: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {"combo": c.combo, "n": c.n, "k": c.k, "runs": len(c.accuracy)}
     for m in METRICS:
         out[m] = {"mean": _nan_to_none(c.mean(m)), "std": _nan_to_none(c.std(m)), "values": getattr(c, m)}
-    for key in ("gallery_size", "n_queries", "excluded_gallery", "excluded_queries"):
+    for key in (
+        "gallery_size",
+        "n_queries",
+        "excluded_gallery",
+        "excluded_queries",
+        "unreachable_queries",
+        "query_classes",
+    ):
         out[key] = getattr(c, key)
+    ceiling = c.ceiling()
+    out["accuracy_ceiling"] = {"mean": float(np.mean(ceiling)) if ceiling else None, "values": ceiling}
+    out["unreachable_by_class"] = {cls: int(u) for cls, u in zip(classes, c.unreachable_by_class) if u}
     out["skipped"] = c.skipped
     recall = c.per_class_recall()
     out["per_class_recall"] = {cls: _nan_to_none(float(r)) for cls, r in zip(classes, recall)}
@@ -300,7 +323,15 @@ def run_protocol(
     qry = gal if single else _Side.build(qset, index, "query")
     counts = {"gallery_set": len(gallery), "gallery_labelled": len(gal.codes)}
     if not single:
-        counts |= {"query_set": len(qset), "query_labelled": len(qry.codes)}
+        counts |= {
+            "query_set": len(qset),
+            "query_labelled": len(qry.codes),
+            # the classes may differ between the sets: queries of a class absent from the gallery
+            # can never be right (counted per cell as unreachable_queries)
+            "gallery_classes": len(np.unique(gal.codes)),
+            "query_classes": len(np.unique(qry.codes)),
+            "queries_class_not_in_gallery": int(np.isin(qry.codes, gal.codes, invert=True).sum()),
+        }
     cells = {(c, n, kk): Cell(c, n, kk, len(classes)) for c in combos for n in sizes for kk in ks}
     n_runs = (folds or 1) * repeats
     bar = tqdm(
@@ -400,11 +431,15 @@ def _evaluate_run(
                 continue
             gallery_all, labels_all, tol = size_run.joined(gmods)
             queries64 = {m: qry.vec64[m] for m in qmods}
+            true = qry.codes[q_idx]
+            in_gallery = np.zeros(n_classes, bool)
+            in_gallery[gal.codes[g_idx]] = True
+            unreachable = true[~in_gallery[true]]  # the vote names gallery classes only: always errors
             for k in ks:
                 near = [size_run.nearest(gmods, qm, k, q_idx) for qm in qmods]
                 pred = decide(near, gallery_all, labels_all, queries64, q_idx, n_classes, tol)
                 cell = cells[(combo, n, k)]
-                values, conf = _metrics(qry.codes[q_idx], pred, n_classes)
+                values, conf = _metrics(true, pred, n_classes)
                 for metric, v in zip(METRICS, values):
                     getattr(cell, metric).append(v)
                 cell.confusion += conf
@@ -412,6 +447,9 @@ def _evaluate_run(
                 cell.n_queries.append(len(q_idx))
                 cell.excluded_gallery.append(int((~pool_ok).sum()))
                 cell.excluded_queries.append(int((~ok).sum()))
+                cell.unreachable_queries.append(len(unreachable))
+                cell.unreachable_by_class += np.bincount(unreachable, minlength=n_classes)
+                cell.query_classes.append(len(np.unique(true)))
                 if keep:
                     cell.predictions.append(
                         {"gallery": gal.rows[g_idx], "queries": qry.rows[q_idx], "pred": pred}

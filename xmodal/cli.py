@@ -224,10 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--config", help="YAML config (default: laptop defaults)")
         sp.add_argument(
             "--set",
-            action="append",
+            action="extend",
+            nargs="+",
             default=[],
             metavar="KEY=VALUE",
-            help="override a config value, e.g. --set optim.lr=0.01 (repeatable)",
+            help="override config values, e.g. --set optim.lr=0.01 train.epochs=2 (repeatable)",
         )
         sp.add_argument("--address", help="Ray cluster address (auto, ray://...); default: local in-process")
 

@@ -108,12 +108,22 @@ def test_runtime_env_uploads_the_source_and_no_data(tmp_path):
     # Excludes are .gitignore patterns: an unanchored "data/" also dropped the package xmodal/data/,
     # so every job imported xmodal.data from wherever else it could (or failed)
     repo_files = uploaded(REPO, tmp_path)
-    source = {str(f.relative_to(REPO)) for d in ("xmodal", "configs", "tune_spaces") for f in (REPO / d).rglob("*")}
+    source = {
+        str(f.relative_to(REPO)) for d in ("xmodal", "configs", "tune_spaces") for f in (REPO / d).rglob("*")
+    }
     source = {f for f in source if (REPO / f).is_file() and "__pycache__" not in f}
     assert "xmodal/data/schema.py" in source and not source - repo_files, sorted(source - repo_files)[:5]
     tree = tmp_path / "repo"  # the top-level outputs a laptop run leaves beside the source
-    for rel in ("xmodal/data/a.py", "data/LAB/part-00000.parquet", "data/raw/x.csv", "runs/r/metrics.jsonl",
-                "sweeps/s/optuna.db", "demo_out/data/UTO/y.csv", "build/lib/z.py", "emb/e.parquet"):
+    for rel in (
+        "xmodal/data/a.py",
+        "data/LAB/part-00000.parquet",
+        "data/raw/x.csv",
+        "runs/r/metrics.jsonl",
+        "sweeps/s/optuna.db",
+        "demo_out/data/UTO/y.csv",
+        "build/lib/z.py",
+        "emb/e.parquet",
+    ):
         (tree / rel).parent.mkdir(parents=True, exist_ok=True)
         (tree / rel).write_text("x")
     assert uploaded(tree, tmp_path) == {"xmodal/data/a.py"}
@@ -171,3 +181,12 @@ def test_readme_names_existing_files():
     assert len(listed) >= 5, table
     for rel in listed:
         assert (CLUSTER / rel).is_file(), f"the README's file table lists cluster/{rel}, which does not exist"
+
+
+def test_set_takes_several_values_per_flag_and_repeats():
+    ns = build_parser().parse_args(
+        ["pretrain", "--set", "optim.lr=0.01", "optim.epochs=2", "--set", "train.seed=3"]
+    )
+    assert ns.set == ["optim.lr=0.01", "optim.epochs=2", "train.seed=3"]
+    cfg = load_config(None, ns.set)
+    assert (cfg.optim.lr, cfg.optim.epochs, cfg.train.seed) == (0.01, 2, 3)

@@ -75,9 +75,9 @@ def test_numeric_text_is_a_float_and_non_finite_floats_are_refused():
     # a value read by a plain YAML 1.1 reader (a sweep's fixed: values) arrives as text
     assert config_from_dict(apply_overrides({}, {"optim.lr": "1e-4"})).optim.lr == float("1e-4")
     for value in (".nan", ".inf", "-.inf"):
-        with pytest.raises(ConfigError, match="optim.lr: expected a finite float"):
+        with pytest.raises(ConfigError, match=f"--set optim.lr={value}: expected a finite float"):
             load_config(None, [f"optim.lr={value}"])
-    with pytest.raises(ConfigError, match="optim.lr: expected float, got 'fast'"):
+    with pytest.raises(ConfigError, match="--set optim.lr=fast: expected float, got 'fast'"):
         load_config(None, ["optim.lr=fast"])
 
 
@@ -90,7 +90,9 @@ def test_text_fields_take_the_override_as_written(text):
 def test_a_number_for_a_text_field_in_a_file_says_how_to_quote_it(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("train:\n  name: 123\n")
-    with pytest.raises(ConfigError, match="train.name: expected str, got 123 .YAML read a number: quote the text"):
+    with pytest.raises(
+        ConfigError, match="train.name: expected str, got 123 .YAML read a number: quote the text"
+    ):
         load_config(p)
     assert load_config(None, ["train.name='a b'"]).train.name == "a b"
 
@@ -99,3 +101,42 @@ def test_small_floats_round_trip(tmp_path):
     cfg = load_config(None, ["optim.lr=1e-10", "optim.weight_decay=2.5E-7"])
     save_config(cfg, tmp_path / "out.yaml")
     assert load_config(tmp_path / "out.yaml") == cfg
+
+
+@pytest.fixture
+def laptop_like(tmp_path):
+    p = tmp_path / "laptop.yaml"
+    p.write_text("optim:\n  lr: 0.002\n  epochs: 3\n")
+    return p
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("optim.lr=abc", "--set optim.lr=abc: expected float, got 'abc'"),
+        ("optim.epochs=1.5", "--set optim.epochs=1.5: expected int, got 1.5"),
+        ("optim.lrr=1", "--set optim.lrr=1: optim: unknown key(s) ['lrr']"),
+        ("foo.bar=1", "--set foo.bar=1: unknown section(s) ['foo']; valid sections: ['data', 'eval'"),
+    ],
+)
+def test_a_bad_override_is_blamed_on_the_override_not_the_file(laptop_like, override, expected):
+    with pytest.raises(ConfigError) as e:
+        load_config(laptop_like, ["optim.epochs=2", override, "train.name=x"])
+    assert str(e.value).startswith(expected)
+    assert "laptop.yaml" not in str(e.value) and ": :" not in str(e.value)
+
+
+def test_a_bad_value_in_the_file_is_blamed_on_the_file(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("optim:\n  lr: abc\nfoo: {bar: 1}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p, ["optim.lr=0.1"])
+    assert str(e.value).startswith(f"{p}: unknown section(s) ['foo']; valid sections:")
+    p.write_text("optim:\n  lr: abc\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: optim.lr: expected float, got 'abc'"):
+        load_config(p, ["optim.epochs=2"])
+
+
+def test_dict_overrides_name_the_override():
+    with pytest.raises(ConfigError, match=r"^override optim.lr='abc': expected float"):
+        load_config(None, {"optim.lr": "abc"})

@@ -216,6 +216,8 @@ def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
+    if unknown and not where:  # the top level: no section to name
+        raise ConfigError(f"unknown section(s) {unknown}; valid sections: {sorted(names)}")
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(names)}")
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
@@ -282,9 +284,10 @@ def config_from_dict(data: dict[str, Any], where: str = "config") -> Config:
 def load_config(
     path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None
 ) -> Config:
-    """Load ``path`` (YAML; None = laptop defaults) and apply ``--set`` overrides."""
+    """Load ``path`` (YAML; None = laptop defaults) and apply ``--set`` overrides. An error names
+    where the bad value came from: the file, or the override that set it."""
     data: dict[str, Any] = {}
-    where = "config (defaults + --set)"
+    where = "config"
     if path:
         where = str(path)
         try:
@@ -293,9 +296,23 @@ def load_config(
             raise ConfigError(f"config file not found: {path}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
-    if overrides:
-        data = apply_overrides(data, overrides)
-    return config_from_dict(data, where)
+    cfg = config_from_dict(data, where)  # the file's own errors name the file
+    labelled = (
+        [(f"--set {o}", [o]) for o in overrides or []]
+        if not isinstance(overrides, dict)
+        else [(f"override {k}={v!r}", {k: v}) for k, v in overrides.items()]
+    )
+    # one override at a time, so an error names the one that set the bad value
+    for label, override in labelled:
+        data = apply_overrides(data, override)
+        try:
+            cfg = config_from_dict(data)
+        except ConfigError as e:
+            # "config: optim.lr: expected float" -> "--set optim.lr=abc: expected float"
+            key = label.split(" ", 1)[1].split("=", 1)[0].strip()
+            message = str(e).removeprefix("config: ").removeprefix(f"{key}: ")
+            raise ConfigError(f"{label}: {message}") from None
+    return cfg
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -1,10 +1,13 @@
 import copy
 import math
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 from xmodal.config import Config, OptimConfig, config_from_dict
+from xmodal.data.quarantine import DataError
 from xmodal.train.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from xmodal.train.optim import build_optimizer, build_scheduler, warmup_cosine
 
@@ -116,7 +119,45 @@ def test_checkpoints_from_before_image_norm_load_with_the_fixed_mapping_they_wer
 
 def test_load_refuses_foreign_files(tmp_path):
     torch.save({"weights": torch.zeros(1)}, tmp_path / "checkpoint.pt")
-    with pytest.raises(ValueError, match="not an xmodal checkpoint"):
+    with pytest.raises(DataError, match="not an xmodal checkpoint"):
         load_checkpoint(tmp_path)
     with pytest.raises(FileNotFoundError, match="xmodal pretrain"):
         resolve_checkpoint(tmp_path / "nothing")
+
+
+class Payload:
+    """Unpickling this would call ``print``: code the weights-only loader must refuse."""
+
+    def __reduce__(self):
+        return (print, ("payload ran",))
+
+
+def broken_files(tmp_path) -> dict:
+    good = save_checkpoint(tmp_path / "good", Config(), torch.nn.Linear(64, 64), epoch=1, global_step=1)
+    data = (good / "checkpoint.pt").read_bytes()
+    pq.write_table(pa.table({"x": [1, 2]}), tmp_path / "part-00000.parquet")
+    torch.save({"format": "xmodal-checkpoint-1", "code": Payload()}, tmp_path / "payload.pt")
+    files = {"parquet": tmp_path / "part-00000.parquet", "payload": tmp_path / "payload.pt"}
+    for name, content in {
+        "truncated": data[:10000],  # torch: a bare "OSError: [Errno 22] Invalid argument"
+        "half": data[: len(data) // 2],
+        "empty": b"",
+        "text": b"hello\n",
+    }.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "checkpoint.pt").write_bytes(content)
+        files[name] = tmp_path / name
+    return files
+
+
+@pytest.mark.parametrize("kind", ["truncated", "half", "empty", "text", "parquet", "payload"])
+def test_an_unreadable_checkpoint_is_one_line_naming_the_file(tmp_path, kind):
+    path = broken_files(tmp_path)[kind]
+    with pytest.raises(DataError) as e:
+        load_checkpoint(path)
+    message = str(e.value)
+    shown = path / "checkpoint.pt" if path.is_dir() else path
+    assert message.startswith(f"{shown} is not a readable xmodal checkpoint: ")
+    assert "\n" not in message and "weights_only" not in message  # torch advises weights_only=False
+    if kind == "payload":
+        assert "could run code" in message

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import yaml
 
 from xmodal import __version__
 from xmodal.config import Config, config_from_dict
+from xmodal.data.quarantine import DataError
 
 CKPT_FILE = "checkpoint.pt"
 
@@ -54,11 +56,39 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise FileNotFoundError(
             f"no {CKPT_FILE} at {p}; pass a checkpoint folder, its {CKPT_FILE}, or a run folder"
         )
-    state = torch.load(f, map_location=map_location, weights_only=True)
+    try:
+        state = torch.load(f, map_location=map_location, weights_only=True)
+    except PermissionError:
+        raise
+    except Exception as e:  # a text file fails with KeyError, an empty one with EOFError, ...
+        raise DataError(
+            f"{f} is not a readable xmodal checkpoint: {_why_unreadable(e)}; pass a checkpoint folder "
+            f"written by `xmodal pretrain`, its {CKPT_FILE}, or a run folder"
+        ) from e
     if not isinstance(state, dict) or state.get("format") != "xmodal-checkpoint-1":
-        raise ValueError(f"{f} is not an xmodal checkpoint (missing format tag)")
+        raise DataError(
+            f"{f} is not an xmodal checkpoint (a torch file without xmodal's format tag); pass a checkpoint "
+            f"folder written by `xmodal pretrain`, its {CKPT_FILE}, or a run folder"
+        )
     state["config"] = config_from_dict(state["config"], where=str(f))
     return state
+
+
+def _why_unreadable(e: Exception) -> str:
+    # torch's messages name no file (a truncated zip: "[Errno 22] Invalid argument"), and its
+    # weights-only refusals advise weights_only=False, which would run whatever code the file holds:
+    # never repeat those
+    if isinstance(e, pickle.UnpicklingError):
+        if "Unsupported global" in str(e):
+            return (
+                "it holds pickled objects other than tensors and plain values, refused because "
+                "loading them could run code"
+            )
+        return "another kind of file, or a corrupt one"
+    detail = str(e).splitlines()[0][:120] if str(e) else ""
+    return (
+        f"truncated or corrupt, or another kind of file ({type(e).__name__}{': ' if detail else ''}{detail})"
+    )
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

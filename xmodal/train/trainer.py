@@ -17,10 +17,13 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from xmodal.config import Config
+from xmodal.data.quarantine import DataError
 from xmodal.data.schema import parquet_files
 from xmodal.storage import durable, join, write_text
 from xmodal.train.checks import check_train_config
 from xmodal.train.metrics import format_duration
+
+UNLABELLED = ("", "unlabelled", "unlabeled")  # label values that mean none (xmodal/eval/embeddings.py)
 
 
 @dataclass
@@ -43,13 +46,60 @@ class PretrainResult:
         )
 
 
-def count_paired(path: str) -> int:
-    """Particles with both modalities (the ones pretraining uses), read from Parquet columns only."""
-    n = 0
+def count_modalities(path: str) -> tuple[int, int, int]:
+    """(paired, image-only, profile-only) particle counts, read from Parquet columns only."""
+    counts = np.zeros(3, dtype=np.int64)
     for f in parquet_files(path):
         t = pq.read_table(f, columns=["has_image", "has_profile"])
-        n += int(np.sum(t.column("has_image").to_numpy() & t.column("has_profile").to_numpy()))
+        image, profile = t.column("has_image").to_numpy(), t.column("has_profile").to_numpy()
+        counts += [np.sum(image & profile), np.sum(image & ~profile), np.sum(~image & profile)]
+    paired, image_only, profile_only = (int(c) for c in counts)
+    return paired, image_only, profile_only
+
+
+def count_labelled(path: str) -> int:
+    """Particles with a label, as the validation protocol reads them (null, '' and 'unlabelled' are none)."""
+    n = 0
+    for f in parquet_files(path):
+        labels = pq.read_table(f, columns=["label"]).column("label").to_pylist()
+        n += sum(v is not None and str(v).strip().lower() not in UNLABELLED for v in labels)
     return n
+
+
+def check_train_data(cfg: Config) -> int:
+    """The data checks that need no Ray: enough paired particles for one batch, a labelled
+    ``data.val``. Returns the paired count. DataError (one line) names the key and the folder."""
+    d, batch = cfg.data, cfg.optim.batch_size
+    try:
+        paired, image_only, profile_only = count_modalities(d.train)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"data.train={d.train}: {e}") from None
+    if paired < batch:
+        # a set of mostly one-modality particles (an export whose images and pulses do not match)
+        # has many particles but few pairs: say so, or the count looks wrong
+        unpaired = [
+            f"{n} {what}"
+            for n, what in ((image_only, "only an image"), (profile_only, "only a profile"))
+            if n
+        ]
+        why = f" ({' and '.join(unpaired)}: pretraining uses only pairs)" if unpaired else ""
+        raise DataError(
+            f"data.train={d.train}: {paired} particles with both an image and a profile{why}, fewer "
+            f"than one global batch (optim.batch_size={batch}); lower optim.batch_size or add paired data"
+        )
+    if d.val:
+        try:
+            labelled = count_labelled(d.val)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"data.val={d.val}: {e}") from None
+        if not labelled:
+            raise DataError(
+                f"data.val={d.val}: this folder holds no labelled particles (every label is null or "
+                "'unlabelled'); the per-epoch validation score is gallery k-NN accuracy on a labelled set: point "
+                "data.val at one (e.g. data/SEA from `xmodal synth`), or set it empty (--set data.val=) "
+                "to train without validation"
+            )
+    return paired
 
 
 def run_name(cfg: Config, name: str | None) -> str:
@@ -69,13 +119,8 @@ def build_trainer(
 
     check_train_config(cfg)  # before any data is read (Tune trials start here, not in pretrain)
     storage = durable(storage_path or cfg.train.storage_path, "train.storage_path")
-    n_train = count_paired(cfg.data.train)
+    n_train = check_train_data(cfg)
     workers = cfg.train.num_workers
-    if n_train < cfg.optim.batch_size:
-        raise ValueError(
-            f"{cfg.data.train}: {n_train} paired particles, fewer than one global batch "
-            f"(optim.batch_size={cfg.optim.batch_size}); lower the batch size or add data"
-        )
     d, n_center = cfg.data, cfg.model.center_particles
     # shipped through the object store so workers never need the driver's disk
     val = center = None
@@ -119,6 +164,7 @@ def pretrain(cfg: Config, address: str | None = None, name: str | None = None) -
     from xmodal.runtime import init_ray
 
     check_train_config(cfg)  # before Ray starts
+    check_train_data(cfg)
     init_ray(address)
     name = run_name(cfg, name)
     t0 = time.time()

@@ -22,7 +22,6 @@ Distributions: ``choice: [v, ...]``, ``uniform: [low, high]`` (optional ``step``
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,7 +191,9 @@ class Space:
         for p in self.params:
             for v in p.probe_values():
                 try:
-                    check_train_config(self.config(base, {**first, p.key: v}))
+                    # as in a trial: a parameter is only set where its `when:` holds
+                    cond = {k: allowed[0] for k, allowed in p.when.items()}
+                    check_train_config(self.config(base, {**first, **cond, p.key: v}))
                 except ConfigError as e:
                     raise self._training_error(e, p.key, v) from None
 
@@ -261,35 +262,21 @@ def check_key(key: str, where: str) -> None:
 
 
 def _check_name(key: str, name: Any, path: Path) -> None:
-    from xmodal.models.registries import IMAGE_ENCODERS, LOSSES, PROFILE_ENCODERS
+    from xmodal.models.registries import check_name
 
-    if key == "model.image_encoder":
-        import timm
-
-        if name in IMAGE_ENCODERS or (isinstance(name, str) and timm.is_model(name)):
-            return
-        raise ConfigError(
-            f"{path}: {key}: unknown image encoder {name!r}; use a timm model name "
-            "(timm.list_models()) or a registered one"
-        )
-    registry = PROFILE_ENCODERS if key == "model.profile_encoder" else LOSSES
-    if name not in registry:
-        raise ConfigError(
-            f"{path}: {key}: unknown {registry.kind} {name!r}; registered: {', '.join(registry.names())}"
-        )
+    try:
+        check_name(key, name)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
 
 
 def _check_profile_kwarg(encoder: str, arg: str, where: str) -> None:
-    from xmodal.models.registries import PROFILE_ENCODERS
+    from xmodal.models.registries import check_profile_kwarg
 
-    sig = inspect.signature(PROFILE_ENCODERS.get(encoder))
-    if arg in sig.parameters or any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
-        return
-    valid = [n for n in sig.parameters if n not in ("in_channels", "length")]
-    raise ConfigError(
-        f"{where}: profile encoder '{encoder}' takes no argument '{arg}' (it takes "
-        f"{', '.join(valid)}); add `when: {{model.profile_encoder: ...}}` to limit it"
-    )
+    try:
+        check_profile_kwarg(encoder, arg, where)
+    except ConfigError as e:
+        raise ConfigError(f"{e}; add `when: {{model.profile_encoder: ...}}` to limit it") from None
 
 
 def parse_param(key: str, spec: Any, earlier: dict[str, Param], where: str) -> Param:

@@ -51,6 +51,9 @@ class DataConfig:
     # image-only retrieval under lighting shifts, not the default.
     image_norm: str = "fixed"
     profile_length: int = 64  # profiles are resampled to this many samples
+    # Shuffle the training rows every epoch (seeded by ``seed``, a new order per epoch): files are
+    # often ordered by class or time, and in-batch negatives of one class teach little.
+    shuffle: bool = True
     val_max_particles: int = 2000
     seed: int = 0
     augment: AugmentConfig = field(default_factory=AugmentConfig)

@@ -96,6 +96,12 @@ def train_dataset(cfg: DataConfig, augment: bool = True, batch_size: int = 64):
     files = [str(f) for f in parquet_files(cfg.train)]
     ds = read_parquet(files, columns=COLUMNS)
     ds = ds.map_batches(paired_only, batch_format="numpy")
+    if cfg.shuffle:
+        # a global shuffle of the encoded rows (cheaper than of decoded images), before the batches
+        # are cut: a new order every epoch (every execution), reproducible from the seed
+        from ray.data import RandomSeedConfig
+
+        ds = ds.random_shuffle(seed=RandomSeedConfig(seed=cfg.seed, reseed_after_execution=True))
     aug = Augment.from_config(cfg.augment) if augment else None
     return ds.map_batches(
         preprocess_batch,

@@ -58,6 +58,19 @@ def test_16_bit_images_are_scaled_not_clipped_and_ingest_agrees():
         check_image(flat16.getvalue(), ReaderOptions())
 
 
+@pytest.mark.parametrize("scale", [1.0, 1.0 / 255.0])
+def test_float_tiffs_in_0_255_or_0_1_decode_to_the_same_gray_levels(scale: float):
+    # 32-bit float gray: PIL reads 0-255; scikit-image and most Python code write 0-1, which PIL
+    # would convert to black (and ingest would quarantine as an empty crop)
+    a8 = np.full((48, 64), 220, np.uint8)
+    a8[16:32, 20:44] = 60
+    b = io.BytesIO()
+    Image.fromarray(a8.astype(np.float32) * np.float32(scale)).save(b, format="TIFF")
+    assert Image.open(io.BytesIO(b.getvalue())).mode == "F"
+    np.testing.assert_array_equal(decode_gray(b.getvalue()), a8)
+    assert check_image(b.getvalue(), ReaderOptions())[1] == (48, 64)
+
+
 def test_images_to_array_range_and_missing_rows():
     rng = np.random.default_rng(0)
     imgs = [png(rng.integers(0, 256, (30, 10), dtype=np.uint8)), None, png(np.full((5, 5), 255, np.uint8))]

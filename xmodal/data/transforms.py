@@ -55,9 +55,16 @@ _WIDE_INT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 def to_gray8(im: Image.Image) -> Image.Image:
     """Any PIL image -> 8-bit luminance ("L"). 16-bit (and 32-bit integer) grayscale is scaled from
     the full 0-65535 range: PIL's own ``convert("L")`` clips it at 255, which turns a 16-bit
-    camera image into a white square."""
+    camera image into a white square. Floating-point gray in 0-1 is scaled to 0-255."""
     if im.mode in _WIDE_INT_MODES:
         a = np.asarray(im, dtype=np.float32) / 257.0
+        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
+    if im.mode == "F":
+        # floating-point gray (a 32-bit TIFF): 0-255 as PIL assumes, or 0-1 as scikit-image and most
+        # Python image code write it, which PIL would turn into a black square
+        a = np.nan_to_num(np.asarray(im, dtype=np.float32))
+        if a.size and a.min() >= 0.0 and a.max() <= 1.0:
+            a = a * 255.0
         return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
     return im if im.mode == "L" else im.convert("L")
 

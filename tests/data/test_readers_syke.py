@@ -199,6 +199,7 @@ def test_cp1252_annotations_keep_their_labels_apart_and_are_noted(
         savetxt_profile(),
         "FWS (mV),SWS [mV],FL Yellow (mV),FL Orange(mV),FL Red [a.u.],Curvature (-)\n10,20,3,4,50,0.1\n"
         "30,40,5,6,70,-0.2\n",
+        "FWS,SWS,FL Yellow,FL Orange,FL Red,Curvature\n10,20,3,4,50,0.1,\n30,40,5,6,70,-0.2,\n",
     ],
     ids=[
         "trailing-comma",
@@ -207,6 +208,7 @@ def test_cp1252_annotations_keep_their_labels_apart_and_are_noted(
         "cr-only",
         "np-savetxt",
         "units",
+        "trailing-comma-on-data-lines-only",
     ],
 )
 def test_profile_csv_variants_read_the_same_values(rd: SimpleNamespace, tmp_path: Path, text: str) -> None:

@@ -96,13 +96,17 @@ def decode_header(raw: bytes, where: str) -> str:
 def sniff_dialect(header: str, sample: bytes, where: str) -> Dialect:
     """Separator = the candidate that splits the header most; decimal ',' only with a non-','
     separator and a ',' somewhere in ``sample`` (data lines); ``trailing`` if the header's last
-    name is empty (a separator at the end of every line)."""
+    name is empty or the first data line ends with the separator (a separator at the end of every
+    (data) line)."""
     counts = {s: header.count(s) for s in _SEPARATORS}
     sep = max(_SEPARATORS, key=lambda s: counts[s])
     if counts[sep] == 0:
         raise DataError(f"{where}: header {header!r} has no ';', ',' or tab separator")
     decimal = "," if sep != "," and b"," in sample else "."
-    return Dialect(sep, decimal, trailing=_unquote(header.rsplit(sep, 1)[1]) == "")
+    # some writers end only the data lines with a separator: the first data line tells
+    first = sample.lstrip(b"\r\n").split(b"\n", 1)[0].decode("latin-1").strip()
+    trailing = _unquote(header.rsplit(sep, 1)[1]) == "" or first.endswith(sep)
+    return Dialect(sep, decimal, trailing=trailing)
 
 
 def _unquote(name: str) -> str:
@@ -119,7 +123,7 @@ def header_names(header: str, dialect: Dialect) -> list[str]:
     fields = header.split(dialect.sep)
     fields[0] = fields[0].lstrip().lstrip("#")
     names = [_unquote(n) for n in fields]
-    return names[:-1] if dialect.trailing else names
+    return names[:-1] if dialect.trailing and names[-1] == "" else names
 
 
 def split_header(data: bytes, where: str) -> tuple[list[str], Dialect, bytes]:

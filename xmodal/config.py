@@ -107,7 +107,9 @@ class OptimConfig:
 class TrainConfig:
     num_workers: int = 2
     use_gpu: bool = False
-    cpus_per_worker: float = 1.0
+    # 2 workers x 0.5 on a 2-core laptop leave one CPU for Ray Data's loading tasks (DATA_CPUS in
+    # xmodal/train/trainer.py); with 1.0 the first epoch waited forever for data
+    cpus_per_worker: float = 0.5
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     compile: bool = False
     channels_last: bool = True  # CUDA only

@@ -40,3 +40,25 @@ def test_rows_are_shuffled_anew_every_epoch(ray_session, pool: Path) -> None:
     a, b = _epoch(shuffled), _epoch(shuffled)
     assert sorted(a) == sorted(b) == sorted(first)  # every particle once per epoch
     assert a != first and b != first and a != b  # a new order each epoch
+
+
+def test_an_image_only_loss_keeps_the_particles_without_a_profile(ray_session, pool: Path, tmp_path) -> None:
+    """The DINO baseline (``paired=False``) trains on every particle with an image; the contrastive
+    losses on the pairs only."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from xmodal.data.schema import read_table
+
+    table = read_table(pool)
+    has_profile = np.arange(table.num_rows) % 4 == 0  # an image-only instrument's share
+    i = table.schema.get_field_index("has_profile")
+    (tmp_path / "mixed").mkdir()
+    pq.write_table(
+        table.set_column(i, "has_profile", pa.array(has_profile)), tmp_path / "mixed" / "p.parquet"
+    )
+    cfg = load_config(
+        None, [f"data.train={tmp_path / 'mixed'}", "data.image_size=24", "data.shuffle=false"]
+    ).data
+    assert len(_epoch(train_dataset(cfg, augment=False, batch_size=32, paired=False))) == 200
+    assert len(_epoch(train_dataset(cfg, augment=False, batch_size=32))) == 50

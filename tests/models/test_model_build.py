@@ -91,3 +91,29 @@ def test_bad_profile_kwargs_name_the_setting() -> None:
     cfg = config_from_dict({"model": {"profile_kwargs": {"widht": 3}}})
     with pytest.raises(TypeError, match="model.profile_kwargs for 'cnn'"):
         build_model(cfg)
+
+
+def test_the_loss_names_the_modalities_it_trains_on() -> None:
+    from xmodal.models.build import trained_modalities
+
+    assert trained_modalities(config_from_dict({"loss": {"name": "siglip"}})) == ("image", "profile")
+    assert trained_modalities(config_from_dict({"loss": {"name": "dino"}})) == ("image",)
+
+
+def test_a_checkpoint_trained_from_a_pretrained_file_loads_after_the_file_is_gone(tmp_path) -> None:
+    """``model.pretrained_path`` gives initial weights only: a checkpoint's weights replace them, so
+    embedding (and resuming) must not need the file."""
+    import timm
+
+    from xmodal.eval.embed import model_from_state
+
+    weights = tmp_path / "init.pth"
+    torch.save(timm.create_model("resnet10t", in_chans=1, num_classes=0).state_dict(), weights)
+    cfg = config_from_dict({"model": {"pretrained_path": str(weights), "center_particles": 0}})
+    state = {"config": cfg, "model": build_model(cfg).state_dict()}
+    weights.unlink()
+    with pytest.raises(Exception, match="pretrained_path"):
+        build_model(cfg)  # as before: a model that trains from the file needs it
+    module = model_from_state(state, torch.device("cpu"))
+    for name, value in module.state_dict().items():
+        torch.testing.assert_close(value, state["model"][name], msg=name)

@@ -5,8 +5,10 @@ in tests/train/test_pretrain_ray.py (2 workers, optim.grad_accum=2)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -69,10 +71,36 @@ class Context:
         return self.world
 
 
-def run_loop(mp: pytest.MonkeyPatch, cfg: Config, shard: dict, run_dir: Path, world: int = 1, prepare=None):
-    """Rank 0 of ``world`` workers trains on ``shard`` (the global pool: ``world`` such shards).
+class Checkpoint:
+    """What ray.train.get_checkpoint gives a resumed worker: a folder."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    @contextlib.contextmanager
+    def as_directory(self):
+        yield self.path
+
+
+class Stop(Exception):
+    """Ends a run after an epoch's report, as a killed worker group would."""
+
+
+def run_loop(
+    mp: pytest.MonkeyPatch,
+    cfg: Config,
+    shard: dict,
+    run_dir: Path,
+    world: int = 1,
+    prepare=None,
+    resume: Path | None = None,
+    stop_after: int | None = None,
+):
+    """Rank 0 of ``world`` workers trains on ``shard`` (the global pool: ``world`` such shards),
+    from the checkpoint folder ``resume`` if given, until epoch ``stop_after`` if given.
     Returns what it recorded: every optimizer step's lr and micro-batch count, the epoch reports,
-    the last checkpoint's weights and the metrics.jsonl records."""
+    the last checkpoint's weights and the metrics.jsonl records. The last checkpoint is kept in
+    ``run_dir/ckpt``."""
     import ray.train
     import ray.train.torch
 
@@ -99,18 +127,22 @@ def run_loop(mp: pytest.MonkeyPatch, cfg: Config, shard: dict, run_dir: Path, wo
         rec["reports"].append(metrics)
         if checkpoint is not None:
             rec["weights"] = torch.load(Path(checkpoint.path) / "checkpoint.pt", weights_only=True)["model"]
+            shutil.copytree(checkpoint.path, run_dir / "ckpt", dirs_exist_ok=True)
+        if metrics["epoch"] == stop_after:
+            raise Stop
 
     mp.setattr(loop, "build_optimizer", recording_optimizer)
     mp.setattr(ray.train, "get_context", lambda: Context(world))
-    mp.setattr(ray.train, "get_checkpoint", lambda: None)
+    mp.setattr(ray.train, "get_checkpoint", lambda: Checkpoint(resume) if resume else None)
     mp.setattr(ray.train, "get_dataset_shard", lambda name: Shard(shard))
     mp.setattr(ray.train, "report", report)
     mp.setattr(ray.train.torch, "get_device", lambda: torch.device("cpu"))
     mp.setattr(ray.train.torch, "prepare_model", prepare or (lambda m, **kw: m))
     n_train = world * len(shard["image"])
-    loop.train_loop_per_worker(
-        {"cfg": cfg.to_dict(), "val": None, "center": None, "n_train": n_train, "run_dir": str(run_dir)}
-    )
+    with contextlib.suppress(Stop):
+        loop.train_loop_per_worker(
+            {"cfg": cfg.to_dict(), "val": None, "center": None, "n_train": n_train, "run_dir": str(run_dir)}
+        )
     rec["log"] = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return rec
 
@@ -216,3 +248,73 @@ def test_a_non_finite_loss_names_the_step_as_metrics_jsonl_numbers_it(tmp_path):
     # the steps before it reach the run folder although the run ended within the 60-s sync period
     log = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if r["kind"] == "step"] == [1, 2]
+
+
+def test_without_a_validation_set_no_score_ranks_the_checkpoints(accumulated):
+    # Ray Train keeps the latest checkpoint when no val_score is reported (trainer.build_trainer):
+    # a score of -train_loss named DINO's first epoch best, its loss rising while it learns
+    assert accumulated["reports"] and all("val_score" not in r for r in accumulated["reports"])
+
+
+def stopped_and_resumed(tmp_path: Path, first: Config, second: Config, data: dict) -> dict[str, Any]:
+    """Epoch 1 under ``first``, stopped; then the rest resumed from its checkpoint under ``second``."""
+    with pytest.MonkeyPatch.context() as mp:
+        run_loop(mp, first, data, tmp_path / "run", stop_after=1)
+    with pytest.MonkeyPatch.context() as mp:
+        return run_loop(mp, second, data, tmp_path / "run", resume=tmp_path / "run" / "ckpt")
+
+
+DINO = {
+    "loss.name": "dino",
+    "loss.kwargs": "{out_dim: 16, hidden_dim: 16, bottleneck_dim: 8, n_local: 1, local_size: 8}",
+    "optim.batch_size": 8,
+    "optim.epochs": 2,
+}
+
+
+def test_a_resumed_dino_run_draws_the_crops_of_the_uninterrupted_run(tmp_path):
+    """DINO's views are drawn from torch's RNG in the worker: a resumed run re-seeded as at the start
+    replayed epoch 1's crops in epoch 2 and ended with other weights."""
+    cfg = tiny_config(**DINO)
+    data = particles(16)
+    with pytest.MonkeyPatch.context() as mp:
+        whole = run_loop(mp, cfg, data, tmp_path / "whole")
+    resumed = stopped_and_resumed(tmp_path / "parts", cfg, cfg, data)
+    assert [r["epoch"] for r in resumed["reports"]] == [2]
+    assert resumed["weights"].keys() == whole["weights"].keys()
+    for name, w in whole["weights"].items():
+        assert torch.equal(resumed["weights"][name], w), name
+
+
+def test_a_resumed_run_takes_the_configs_lr_and_weight_decay(tmp_path, capfd):
+    base = {"optim.batch_size": 8, "optim.epochs": 2, "optim.warmup_epochs": 1, "optim.lr": LR}
+    first = tiny_config(**base, **{"optim.weight_decay": 0.001})
+    second = tiny_config(**(base | {"optim.lr": LR / 10, "optim.weight_decay": 0.05}))
+    rec = stopped_and_resumed(tmp_path, first, second, particles(32))  # 4 steps an epoch
+    assert rec["lrs"] == pytest.approx([LR / 10 * warmup_cosine_reference(s, 4, 8) for s in range(4, 8)])
+    state = torch.load(tmp_path / "run" / "ckpt" / "checkpoint.pt", weights_only=True)
+    assert sorted(g["weight_decay"] for g in state["optimizer"]["param_groups"]) == [0.0, 0.05]
+    assert state["scheduler"]["base_lrs"] == pytest.approx([LR / 10] * 2)
+    out = capfd.readouterr().out
+    assert "optim.lr 0.01 -> 0.001, optim.weight_decay 0.001 -> 0.05 " in out
+
+
+def test_an_unchanged_resume_says_nothing_of_the_optimizer(tmp_path, capfd):
+    cfg = tiny_config(**{"optim.batch_size": 8, "optim.epochs": 2})
+    stopped_and_resumed(tmp_path, cfg, cfg, particles(16))
+    out = capfd.readouterr().out
+    assert "resuming from epoch 1" in out and "checkpoint's values are replaced" not in out
+
+
+def test_a_run_from_pretrained_weights_resumes_after_the_weights_file_is_gone(tmp_path):
+    import timm
+
+    weights = tmp_path / "init.pth"
+    torch.save(timm.create_model("resnet10t", in_chans=1, num_classes=0).state_dict(), weights)
+    cfg = tiny_config(**{"optim.batch_size": 8, "optim.epochs": 2, "model.pretrained_path": weights})
+    with pytest.MonkeyPatch.context() as mp:
+        run_loop(mp, cfg, particles(16), tmp_path / "run", stop_after=1)
+    weights.unlink()  # cleaned up, or the run resumes on another node
+    with pytest.MonkeyPatch.context() as mp:
+        rec = run_loop(mp, cfg, particles(16), tmp_path / "run", resume=tmp_path / "run" / "ckpt")
+    assert [r["epoch"] for r in rec["reports"]] == [2]

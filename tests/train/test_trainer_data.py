@@ -118,3 +118,34 @@ def test_the_cli_prints_one_line(sets, no_ray, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert err.startswith(f"xmodal pretrain: error: data.val={sets['unlabelled']}: ")
+
+
+def test_the_image_only_dino_baseline_counts_particles_with_an_image(sets):
+    # 4 pairs and 30 image-only particles: DINO trains on all 34, the contrastive losses on the 4 pairs
+    dino = ["loss.name=dino", f"data.train={sets['mismatched']}"]
+    assert check_train_data(load_config(None, [*dino, "optim.batch_size=32"])) == 34
+    with pytest.raises(DataError) as e:
+        check_train_data(load_config(None, [*dino, "optim.batch_size=64"]))
+    message = str(e.value)
+    assert message.startswith(f"data.train={sets['mismatched']}: 34 particles with an image, fewer than")
+    assert "loss.name=dino trains on images only" in message and "pairs" not in message
+
+
+def test_the_dino_baseline_reads_every_particle_with_an_image(sets, tmp_path, monkeypatch):
+    import xmodal.data.pipeline as pipeline
+
+    seen = {}
+    monkeypatch.setattr(pipeline, "train_dataset", lambda *a, **k: seen.update(k))
+    cfg = load_config(
+        None,
+        [
+            f"data.train={sets['mismatched']}",
+            "loss.name=dino",
+            "optim.batch_size=32",
+            "model.center_particles=0",
+            f"train.storage_path={tmp_path / 'runs'}",
+        ],
+    )
+    trainer, _ = build_trainer(cfg, "dino")
+    assert seen["paired"] is False
+    assert trainer.train_loop_config["n_train"] == 34  # the steps an epoch are counted from these

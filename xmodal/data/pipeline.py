@@ -71,6 +71,13 @@ def paired_only(batch: dict[str, Any]) -> dict[str, Any]:
     return {k: v[keep] for k, v in batch.items()}
 
 
+def with_image(batch: dict[str, Any]) -> dict[str, Any]:
+    """The image-only DINO baseline trains on every particle with an image, profile or not
+    (image-only instruments, or an export whose pulses were lost)."""
+    keep = np.asarray(batch["has_image"], bool)
+    return {k: v[keep] for k, v in batch.items()}
+
+
 def read_parquet(files: list[str], **kwargs: Any):
     """``ray.data.read_parquet`` through Ray Data's first (V1) Parquet datasource.
 
@@ -91,11 +98,12 @@ def read_parquet(files: list[str], **kwargs: Any):
         ctx.use_datasource_v2 = before
 
 
-def train_dataset(cfg: DataConfig, augment: bool = True, batch_size: int = 64):
-    """Paired particles of ``cfg.train`` as a lazy Ray Dataset of model batches."""
+def train_dataset(cfg: DataConfig, augment: bool = True, batch_size: int = 64, paired: bool = True):
+    """Paired particles of ``cfg.train`` (``paired=False``: every particle with an image, for a loss
+    that trains on images only) as a lazy Ray Dataset of model batches."""
     files = [str(f) for f in parquet_files(cfg.train)]
     ds = read_parquet(files, columns=COLUMNS)
-    ds = ds.map_batches(paired_only, batch_format="numpy")
+    ds = ds.map_batches(paired_only if paired else with_image, batch_format="numpy")
     if cfg.shuffle:
         # a global shuffle of the encoded rows (cheaper than of decoded images), before the batches
         # are cut: a new order every epoch (every execution), reproducible from the seed

@@ -67,7 +67,8 @@ def model_from_state(state: dict[str, Any], device: torch.device) -> torch.nn.Mo
     from xmodal.models.build import build_model
     from xmodal.models.cpu_kernels import use_small_map_kernels
 
-    module = build_model(state["config"])
+    # the checkpoint's weights replace the initial ones: model.pretrained_path, long gone perhaps, is not read
+    module = build_model(state["config"], pretrained=False)
     module.load_state_dict(state["model"])
     use_small_map_kernels(module)  # same function and weights; faster kernels on CPU only
     module = module.to(device).eval()

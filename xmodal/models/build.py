@@ -12,9 +12,12 @@ from xmodal.models.losses import ContrastiveLoss
 from xmodal.models.registries import LOSSES, PROFILE_ENCODERS
 
 
-def build_model(cfg: Config) -> XModalModule:
+def build_model(cfg: Config, pretrained: bool = True) -> XModalModule:
     """The model named by ``cfg.model`` and ``cfg.loss``: cross-modal for clip/siglip, the
-    image-only DINO baseline for dino (profile settings unused)."""
+    image-only DINO baseline for dino (profile settings unused).
+
+    ``pretrained=False`` for a model whose state dict is loaded next (a checkpoint): the initial
+    weights of ``model.pretrained_path`` would only be overwritten, and that file may be gone."""
     m = cfg.model
     loss = LOSSES.build(cfg.loss.name, cfg=cfg.loss)
     dino = isinstance(loss, DinoLoss)
@@ -22,7 +25,7 @@ def build_model(cfg: Config) -> XModalModule:
         # DINO's local views are smaller than the global ones: ViTs must take any size.
         m.image_encoder,
         cfg.data.image_size,
-        m.pretrained_path,
+        m.pretrained_path if pretrained else "",
         dynamic_size=dino,
         **m.image_kwargs,
     )
@@ -41,3 +44,10 @@ def build_model(cfg: Config) -> XModalModule:
     return CrossModalModel(
         image_encoder, image_dim, profile_encoder, m.embed_dim, m.metadata, loss, m.embed_flip
     )
+
+
+def trained_modalities(cfg: Config) -> tuple[str, ...]:
+    """The modalities the loss trains on: both for the contrastive losses, the image only for DINO
+    (whose training rows then need an image, not a profile). Builds the loss, which is cheap."""
+    loss = LOSSES.build(cfg.loss.name, cfg=cfg.loss)
+    return ("image", "profile") if isinstance(loss, ContrastiveLoss) else DinoModel.modalities

@@ -9,12 +9,13 @@ import time
 from contextlib import nullcontext
 from typing import Any
 
+import numpy as np
 import torch
 
 from xmodal.config import Config, config_from_dict
 from xmodal.train.checkpoint import load_checkpoint, save_checkpoint
 from xmodal.train.metrics import MetricsLogger, progress_line
-from xmodal.train.optim import build_optimizer, build_scheduler
+from xmodal.train.optim import build_optimizer, build_scheduler, resume_optimizer
 
 TENSOR_KEYS = ("image", "image_meta", "profile", "profile_mask", "profile_meta", "has_image", "has_profile")
 
@@ -47,6 +48,14 @@ def say(line: str) -> None:
     print(line, file=sys.__stdout__, flush=True)
 
 
+def epoch_seed(seed: int, rank: int, global_step: int) -> int:
+    """The torch seed of the epoch that starts at ``global_step``. Every epoch re-seeds torch's RNGs,
+    CPU and CUDA (DINO's random crops, dropout), from the run's seed, the rank and the step, so that a
+    run resumed from a checkpoint draws what the uninterrupted run drew, with no RNG state in the
+    checkpoint to gather from every rank."""
+    return int(np.random.SeedSequence([seed, rank, global_step]).generate_state(1, np.uint64)[0])
+
+
 def _allreduce_sum(values: list[float], device: torch.device) -> list[float]:
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return values
@@ -69,9 +78,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.train.seed + rank)
     device = ray.train.torch.get_device()
 
-    module = build_model(cfg)
-    start_epoch, global_step, resume = 0, 0, None
     ckpt = ray.train.get_checkpoint()
+    module = build_model(cfg, pretrained=ckpt is None)  # a checkpoint's weights replace the initial ones
+    start_epoch, global_step, resume = 0, 0, None
     if ckpt is not None:
         with ckpt.as_directory() as d:
             resume = load_checkpoint(d)
@@ -96,8 +105,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     optimizer = build_optimizer(module.param_groups(cfg.optim.weight_decay), cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch)
     if resume is not None and "optimizer" in resume:
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
+        changed = resume_optimizer(optimizer, scheduler, resume, cfg.optim)
+        if changed and rank == 0:
+            say(f"[xmodal] resuming with this config's {changed} (the checkpoint's values are replaced)")
 
     logger = MetricsLogger(loop_config["run_dir"]) if rank == 0 else None
     try:
@@ -124,6 +134,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
         ga = cfg.optim.grad_accum
         for epoch in range(start_epoch, cfg.optim.epochs):
+            torch.manual_seed(epoch_seed(cfg.train.seed, rank, global_step))  # same draws when resumed
             model.train()
             optimizer.zero_grad(set_to_none=True)
             t_epoch = time.time()
@@ -200,7 +211,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     metrics.update(update_center(module, center_data, device))
                 if val_data is not None:
                     metrics.update(validate(module, val_data, cfg, device))
-                metrics.setdefault("val_score", -metrics["train_loss"])  # no labelled set: rank by loss
                 logger.log("epoch", epoch + 1, metrics)
                 say(
                     "[xmodal] "

@@ -78,8 +78,9 @@ def progress_line(epoch: int, epochs: int, metrics: dict[str, Any], elapsed: flo
         parts.append(f"val_loss {metrics['val_loss']:.4f}")
     if "val_combo" in metrics:
         parts.append(f"val {metrics.get('val_combo', '')} {100 * metrics['val_score']:.1f}%")
+    if "logit_scale" in metrics:  # contrastive losses only: DINO has no logit scale
+        parts.append(f"scale {metrics['logit_scale']:.2f}")
     parts += [
-        f"scale {metrics.get('logit_scale', float('nan')):.2f}",
         f"{metrics.get('samples_per_s', 0):.0f} samples/s",
         f"data-wait {100 * metrics.get('data_wait_frac', 0):.0f}%",
         f"ETA {format_duration(eta)}",

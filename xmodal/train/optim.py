@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -46,3 +47,31 @@ def build_scheduler(
     total = max(1, cfg.epochs * steps_per_epoch)
     warmup = min(total - 1, round(cfg.warmup_epochs * steps_per_epoch))
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warmup, total))
+
+
+def resume_optimizer(
+    opt: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    state: dict[str, Any],
+    cfg: OptimConfig,
+) -> str:
+    """Load a checkpoint's optimizer and scheduler state (moments, step count), keeping this run's
+    optim.lr, optim.weight_decay and optim.momentum, as its optim.epochs and optim.warmup_epochs are
+    kept (the schedule's function is never saved). ``opt`` and ``scheduler`` are freshly built from
+    ``cfg``. Returns what differs from the checkpoint's config ("" when nothing), for the log."""
+    keep = ("initial_lr", "weight_decay", "momentum", "nesterov")
+    fresh = [{k: g[k] for k in keep if k in g} for g in opt.param_groups]
+    opt.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    for group, values, schedule in zip(opt.param_groups, fresh, scheduler.lr_lambdas):
+        group.update(values)
+        group["lr"] = values["initial_lr"] * schedule(scheduler.last_epoch)  # the step that follows
+    scheduler.base_lrs = [values["initial_lr"] for values in fresh]
+    scheduler._last_lr = [group["lr"] for group in opt.param_groups]  # what get_last_lr() reports
+    old = state["config"].optim
+    names = ["lr", "weight_decay", "epochs", "warmup_epochs"] + (["momentum"] if cfg.name == "sgd" else [])
+    return ", ".join(
+        f"optim.{n} {getattr(old, n):g} -> {getattr(cfg, n):g}"
+        for n in names
+        if getattr(old, n) != getattr(cfg, n)
+    )

@@ -255,3 +255,27 @@ def test_output_from_before_the_manifest_rename_resumes_and_becomes_a_dataset(
     assert _read_as_dataset(out) == 2 * ROWS
     with pytest.raises(FileExistsError, match="--overwrite"):  # ... and so does the renamed one
         embed(archive / "other", data, out)
+
+
+def test_a_shard_in_flight_is_hidden_from_dataset_readers(tmp_path) -> None:
+    out = tmp_path / "emb"
+    out.mkdir()
+    schema = embed_mod.output_schema(False, "ckpt.pt", "in/part-00000.parquet")
+    done = pa.table(
+        {
+            "particle_id": ["a"],
+            "label": ["x"],
+            "domain": ["LAB"],
+            "image_emb": [[1.0]],
+            "profile_emb": [[1.0]],
+        }
+    )
+    pq.write_table(done.cast(schema), out / "part-00000.parquet")
+    shards = {
+        "in/part-00001.parquet": embed_mod._Shard(out / "part-00001.parquet", 2, ""),
+    }
+    outputs = embed_mod._ShardOutputs(shards, False, "ckpt.pt")
+    outputs.write("in/part-00001.parquet", done.cast(schema))  # 1 of its 2 rows: still in flight
+    assert [p.name for p in out.iterdir() if p.name.endswith(".tmp")] == [".part-00001.parquet.tmp"]
+    assert ds.dataset(out, format="parquet").count_rows() == 1  # only the finished shard
+    assert pd.read_parquet(out)["particle_id"].tolist() == ["a"]

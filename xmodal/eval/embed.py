@@ -198,7 +198,7 @@ def _claim_output(out: Path, ckpt_file: Path, float16: bool, overwrite: bool) ->
     if not path.exists() and old_path.exists():  # a folder written before the rename
         path = old_path
     if overwrite:
-        for old in [*out.rglob("*.parquet"), *out.rglob("*.parquet.tmp"), path]:
+        for old in [*out.rglob("*.parquet"), *out.rglob("*.parquet.tmp"), path]:  # .tmp: old and hidden
             old.unlink(missing_ok=True)
     elif path.exists():
         before = json.loads(path.read_text())
@@ -278,8 +278,9 @@ def _actor_count(actors: int | None, use_gpu: bool, gpus: float, cpus: int) -> i
 
 
 class _ShardOutputs:
-    """One output file per input shard, written as ``<name>.tmp`` and renamed once all its rows are
-    in: a finished name is always a complete shard, so a rerun can skip it."""
+    """One output file per input shard, written as ``.<name>.tmp`` and renamed once all its rows are
+    in: a finished name is always a complete shard, so a rerun can skip it, and a shard in flight
+    (or left by an interrupted run) is hidden from Parquet dataset readers."""
 
     def __init__(self, targets: dict[str, _Shard], float16: bool, checkpoint: str):
         self.targets, self.float16, self.checkpoint = targets, float16, checkpoint
@@ -289,7 +290,7 @@ class _ShardOutputs:
     def write(self, source: str, table: pa.Table) -> None:
         dest, expected, stamp = self.targets[source]
         if source not in self.open:
-            tmp = dest.with_name(dest.name + ".tmp")
+            tmp = dest.with_name(f".{dest.name}.tmp")  # hidden: the folder still reads as a dataset
             tmp.parent.mkdir(parents=True, exist_ok=True)
             schema = output_schema(self.float16, self.checkpoint, source, stamp)
             self.open[source] = (pq.ParquetWriter(tmp, schema, compression="zstd"), tmp)

@@ -51,9 +51,12 @@ class DataConfig:
     # image-only retrieval under lighting shifts, not the default.
     image_norm: str = "fixed"
     profile_length: int = 64  # profiles are resampled to this many samples
-    # Shuffle the training rows every epoch (seeded by ``seed``, a new order per epoch): files are
-    # often ordered by class or time, and in-batch negatives of one class teach little.
-    shuffle: bool = True
+    # Training rows in a new order every epoch (from ``seed``): files are often ordered by class or
+    # time, and in-batch negatives of one class teach little. "global": all rows shuffled (waits for
+    # the whole pool to be read each epoch: fine up to ~1e5 rows); "local": shard order shuffled and
+    # rows mixed in a buffer of LOCAL_SHUFFLE_BATCHES micro-batches (no wait; for large pools that
+    # are not sorted); "none": file order.
+    shuffle: str = "global"
     val_max_particles: int = 2000
     seed: int = 0
     augment: AugmentConfig = field(default_factory=AugmentConfig)

@@ -4,13 +4,14 @@ order when it is off."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from xmodal.config import load_config
-from xmodal.data.pipeline import train_dataset
+from xmodal.data.pipeline import local_shuffle, train_dataset
 
 
 @pytest.fixture(scope="module")
@@ -22,17 +23,17 @@ def pool(tmp_path_factory) -> Path:
     return out / "UTO"
 
 
-def _epoch(ds) -> list[tuple[float, ...]]:
+def _epoch(ds, **iter_args) -> list[tuple[float, ...]]:
     """Each row as its (height, width, length) metadata, in the order the epoch yields them."""
     rows = []
-    for b in ds.iter_batches(batch_size=32, batch_format="numpy"):
+    for b in ds.iter_batches(batch_size=32, batch_format="numpy", **iter_args):
         rows += [tuple(r) for r in np.concatenate([b["image_meta"], b["profile_meta"]], axis=1).round(6)]
     return rows
 
 
 def test_rows_are_shuffled_anew_every_epoch(ray_session, pool: Path) -> None:
     on = load_config(None, [f"data.train={pool}", "data.image_size=24"]).data
-    off = load_config(None, [f"data.train={pool}", "data.image_size=24", "data.shuffle=false"]).data
+    off = load_config(None, [f"data.train={pool}", "data.image_size=24", "data.shuffle=none"]).data
     in_order = train_dataset(off, augment=False, batch_size=32)
     first, second = _epoch(in_order), _epoch(in_order)
     assert first == second and len(first) == 200  # file order, every epoch
@@ -40,6 +41,16 @@ def test_rows_are_shuffled_anew_every_epoch(ray_session, pool: Path) -> None:
     a, b = _epoch(shuffled), _epoch(shuffled)
     assert sorted(a) == sorted(b) == sorted(first)  # every particle once per epoch
     assert a != first and b != first and a != b  # a new order each epoch
+
+
+def test_local_shuffle_mixes_rows_as_batches_are_drawn(ray_session, pool: Path) -> None:
+    cfg = load_config(None, [f"data.train={pool}", "data.image_size=24", "data.shuffle=local"]).data
+    assert local_shuffle(cfg, 32, 5) == {"local_shuffle_buffer_size": 8 * 32, "local_shuffle_seed": 5}
+    ds = train_dataset(cfg, augment=False, batch_size=32)
+    in_order = _epoch(train_dataset(replace(cfg, shuffle="none"), augment=False, batch_size=32))
+    a, b = _epoch(ds, **local_shuffle(cfg, 32, 1)), _epoch(ds, **local_shuffle(cfg, 32, 2))
+    assert sorted(a) == sorted(b) == sorted(in_order) and a != in_order and a != b
+    assert local_shuffle(replace(cfg, shuffle="global"), 32, 1) == {}  # no buffer: rows come shuffled
 
 
 def test_an_image_only_loss_keeps_the_particles_without_a_profile(ray_session, pool: Path, tmp_path) -> None:
@@ -58,7 +69,7 @@ def test_an_image_only_loss_keeps_the_particles_without_a_profile(ray_session, p
         table.set_column(i, "has_profile", pa.array(has_profile)), tmp_path / "mixed" / "p.parquet"
     )
     cfg = load_config(
-        None, [f"data.train={tmp_path / 'mixed'}", "data.image_size=24", "data.shuffle=false"]
+        None, [f"data.train={tmp_path / 'mixed'}", "data.image_size=24", "data.shuffle=none"]
     ).data
     assert len(_epoch(train_dataset(cfg, augment=False, batch_size=32, paired=False))) == 200
     assert len(_epoch(train_dataset(cfg, augment=False, batch_size=32))) == 50

@@ -53,6 +53,7 @@ REPO = Path(__file__).resolve().parents[2]
         (["eval.combos=[I-I, I-Q]"], ["eval.combos[1]", "'I-Q'", "P-P"]),
         (["optim.name=adam"], ["optim.name", "sgd, adamw", "'adam'"]),
         (["data.image_norm=local"], ["data.image_norm", "fixed, background", "'local'"]),
+        (["data.shuffle=random"], ["data.shuffle", "global, local, none", "'random'"]),
         (
             ["optim.batch_size=8", "train.num_workers=1", "optim.grad_accum=3"],
             ["optim.batch_size=8", "train.num_workers", "optim.grad_accum", "= 3", "6 or 9"],

@@ -98,18 +98,31 @@ def read_parquet(files: list[str], **kwargs: Any):
         ctx.use_datasource_v2 = before
 
 
+SHUFFLES = ("global", "local", "none")  # see DataConfig.shuffle
+LOCAL_SHUFFLE_BATCHES = 8  # micro-batches of rows a worker mixes with data.shuffle=local
+
+
+def local_shuffle(cfg: DataConfig, micro_batch: int, seed: int) -> dict[str, int | None]:
+    """``iter_torch_batches`` arguments of a worker's epoch: a shuffle buffer with "local"."""
+    if cfg.shuffle != "local":
+        return {}
+    return {"local_shuffle_buffer_size": LOCAL_SHUFFLE_BATCHES * micro_batch, "local_shuffle_seed": seed}
+
+
 def train_dataset(cfg: DataConfig, augment: bool = True, batch_size: int = 64, paired: bool = True):
     """Paired particles of ``cfg.train`` (``paired=False``: every particle with an image, for a loss
     that trains on images only) as a lazy Ray Dataset of model batches."""
     files = [str(f) for f in parquet_files(cfg.train)]
     ds = read_parquet(files, columns=COLUMNS)
     ds = ds.map_batches(paired_only if paired else with_image, batch_format="numpy")
-    if cfg.shuffle:
-        # a global shuffle of the encoded rows (cheaper than of decoded images), before the batches
-        # are cut: a new order every epoch (every execution), reproducible from the seed
-        from ray.data import RandomSeedConfig
+    # a new order every epoch (every execution of the dataset), reproducible from the seed
+    from ray.data import RandomSeedConfig
 
-        ds = ds.random_shuffle(seed=RandomSeedConfig(seed=cfg.seed, reseed_after_execution=True))
+    seed = RandomSeedConfig(seed=cfg.seed, reseed_after_execution=True)
+    if cfg.shuffle == "global":  # the encoded rows (cheaper to move than decoded images)
+        ds = ds.random_shuffle(seed=seed)
+    elif cfg.shuffle == "local":  # rows are mixed further as batches are drawn (local_shuffle)
+        ds = ds.randomize_block_order(seed=seed)
     aug = Augment.from_config(cfg.augment) if augment else None
     return ds.map_batches(
         preprocess_batch,

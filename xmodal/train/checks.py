@@ -97,6 +97,7 @@ def _at_least(values: dict[str, Any], low: int, note: str = "") -> None:
 
 
 def _check_choices(cfg: Config) -> None:
+    from xmodal.data.pipeline import SHUFFLES
     from xmodal.data.transforms import IMAGE_NORMS
     from xmodal.eval.protocol import COMBOS, parse_combo
 
@@ -104,6 +105,7 @@ def _check_choices(cfg: Config) -> None:
         "train.precision": (cfg.train.precision, PRECISIONS, " (auto: bf16 on CUDA, fp32 on CPU)"),
         "optim.name": (cfg.optim.name, OPTIMIZERS, ""),
         "data.image_norm": (cfg.data.image_norm, IMAGE_NORMS, ""),
+        "data.shuffle": (cfg.data.shuffle, SHUFFLES, ""),
     }
     for key, (value, allowed, note) in choices.items():
         if value not in allowed:

@@ -68,6 +68,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    from xmodal.data.pipeline import local_shuffle
     from xmodal.models.build import build_model
     from xmodal.models.cpu_kernels import use_small_map_kernels
     from xmodal.train.validate import update_center, validate
@@ -144,7 +145,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             stats_sum: dict[str, float] = {}
             t_fetch = time.time()
             it = shard.iter_torch_batches(
-                batch_size=micro_bs, drop_last=True, prefetch_batches=2, device=device
+                batch_size=micro_bs,
+                drop_last=True,
+                prefetch_batches=2,
+                device=device,
+                **local_shuffle(cfg.data, micro_bs, epoch_seed(cfg.data.seed, rank, global_step) % 2**32),
             )
             for batch in it:
                 wait += time.time() - t_fetch

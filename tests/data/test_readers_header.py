@@ -226,3 +226,44 @@ def test_one_particle_at_one_place_in_fixed_canvases_is_not_a_header(size: int, 
         a[size // 3 : 2 * size // 3, size // 4 : 3 * size // 4] = 60 + i % 8
         canvases.append(np.clip(np.rint(a), 0, 255).astype(np.uint8))
     assert detect_header(canvases) == 0
+
+
+def _band_crops(band, background: float = 200.0, n: int = 64) -> list[np.ndarray]:
+    """Noisy crops (a dark particle) under ``band(width)``, drawn identically into each."""
+    rng = np.random.default_rng(11)
+    out = []
+    for _ in range(n):
+        h, w = int(rng.integers(12, 120)), int(rng.integers(30, 140))
+        img = np.full((h, w), background) + rng.normal(0, 2.0, (h, w))
+        img[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] -= 100
+        out.append(np.clip(np.rint(np.vstack([band(w), img])), 0, 255).astype(np.uint8))
+    return out
+
+
+def _low_label(w: int) -> np.ndarray:  # the bar and its label in the lower half of the band
+    b = np.full((HEADER, w), 255.0)
+    b[14:17, 3 : min(w, 25)] = 0
+    b[18:23, 3 : min(w, 30) : 3] = 0
+    return b
+
+
+def _bold_bar(w: int) -> np.ndarray:  # a bar filling the band's top rows across the window
+    b = np.full((HEADER, w), 255.0)
+    b[1:9, 0 : min(w, 60)] = 0
+    b[12:18, 3 : min(w, 30) : 3] = 0
+    return b
+
+
+@pytest.mark.parametrize("band", [_low_label, _bold_bar], ids=["low-label", "bold-bar"])
+def test_a_band_whose_drawing_sits_low_or_fills_its_top_is_cut_whole(band) -> None:
+    assert detect_header(_band_crops(band)) == HEADER
+
+
+def test_on_white_crops_no_drawn_pixel_is_left_in_the_image() -> None:
+    from xmodal.data.synth_image import scale_bar_header
+
+    crops = _band_crops(lambda w: scale_bar_header(w, HEADER, 0.5).astype(float), background=250.0)
+    rows = detect_header(crops)
+    band = scale_bar_header(64, HEADER, 0.5)
+    assert rows <= HEADER and (band[rows:] == 255).all()  # only the band's empty rows stay
+    assert rows >= 16  # the label and the bar are cut

@@ -93,26 +93,47 @@ def _header_rows(cols: list[np.ndarray]) -> int:
     if shared is None or shared < MIN_ROWS:
         return 0
     band = np.median(np.stack([a[:shared] for a in cols if a.shape[0] >= shared]), axis=0)
-    level = float(np.median(band[:MIN_ROWS]))  # the band's own level: a drawing is sparse on it
     background = float(np.median([np.median(a[-MIN_ROWS:]) for a in cols]))  # crops' bottom margins
+    level = _band_level(band, background)
+    band_like = abs(background - level) <= LEVEL_TOL  # no visible edge between band and image
     end = shared
-    while end > 0 and _plain(band[end - 1], level, abs(background - level) <= LEVEL_TOL):
+    while end > 0 and _plain(band[end - 1], level, band_like):
         end -= 1
     drawn = np.abs(band[:end] - level) >= DRAWING
     if int(drawn.sum()) < MIN_DRAWING_PX:
         return 0  # a flat band or a shared gradient: nothing drawn
     if float((np.abs(band[:end] - level) <= LEVEL_TOL).mean()) < BAND_SHARE:
         return 0  # no uniform band under the "drawing": shading or texture, not a header
-    if int(np.flatnonzero(drawn.any(axis=1))[0]) >= end / 2:
-        return 0  # more empty band above the "drawing" than drawing: a particle in a fixed canvas
+    if band_like and int(np.flatnonzero(drawn.any(axis=1))[0]) >= end / 2:
+        # no band edge, and more empty rows above the "drawing" than drawing: a particle drawn
+        # at one place in fixed canvases, not a label (which may sit low in a band of its own)
+        return 0
     return end if MIN_ROWS <= end < MAX_ROWS else 0
+
+
+def _band_level(band: np.ndarray, background: float) -> float:
+    """The band's own gray level: its most common one, a drawing being sparse on it, leaving out
+    the shared rows of smooth crop background below the band (a bold bar is then no band)."""
+    at_background = np.array(
+        [_uniform(r) and abs(float(np.median(r)) - background) <= LEVEL_TOL for r in band]
+    )
+    rows = band[~at_background] if not at_background.all() else band
+    return float(
+        np.argmax(np.bincount(np.clip(np.rint(rows), 0, 255).astype(np.int64).ravel(), minlength=256))
+    )
+
+
+def _uniform(row: np.ndarray) -> bool:
+    """Nothing drawn in the row: no pixel a drawing's contrast away from its median (a bar's end
+    tick is a few pixels), and nearly all within ``LEVEL_TOL`` of it."""
+    dev = np.abs(row - float(np.median(row)))
+    return not bool((dev >= DRAWING).any()) and float((dev <= LEVEL_TOL).mean()) >= ROW_SHARE
 
 
 def _plain(row: np.ndarray, level: float, band_like_background: bool) -> bool:
     """A uniform row that is not part of the header: at another level than the band's, or at any
     level when the band is as light as the crops' background (its empty rows below the drawing
     cannot then be told from the image's own margin, and are left to the image)."""
-    at = float(np.median(row))
-    if float((np.abs(row - at) <= LEVEL_TOL).mean()) < ROW_SHARE:
-        return False  # something is drawn in it
-    return band_like_background or abs(at - level) > LEVEL_TOL
+    if not _uniform(row):
+        return False
+    return band_like_background or abs(float(np.median(row)) - level) > LEVEL_TOL

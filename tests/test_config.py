@@ -137,6 +137,15 @@ def test_a_bad_value_in_the_file_is_blamed_on_the_file(tmp_path):
         load_config(p, ["optim.epochs=2"])
 
 
+def test_an_override_may_fix_a_bad_value_in_the_file(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("optim:\n  lr: fast\n  epochs: 3\n")
+    assert load_config(p, ["optim.lr=0.01"]).optim.lr == 0.01
+    assert load_config(p, {"optim.lr": 0.02}).optim.lr == 0.02
+    with pytest.raises(ConfigError, match=r"c.yaml: optim.lr: expected float, got 'fast'"):
+        load_config(p, ["optim.epochs=2"])  # not fixed: still the file's error
+
+
 def test_dict_overrides_name_the_override():
     with pytest.raises(ConfigError, match=r"^override optim.lr='abc': expected float"):
         load_config(None, {"optim.lr": "abc"})

@@ -228,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
             nargs="+",
             default=[],
             metavar="KEY=VALUE",
-            help="override config values, e.g. --set optim.lr=0.01 train.epochs=2 (repeatable)",
+            help="override config values, e.g. --set optim.lr=0.01 optim.epochs=2 (repeatable)",
         )
         sp.add_argument("--address", help="Ray cluster address (auto, ray://...); default: local in-process")
 

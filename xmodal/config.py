@@ -292,8 +292,9 @@ def config_from_dict(data: dict[str, Any], where: str = "config") -> Config:
 def load_config(
     path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None
 ) -> Config:
-    """Load ``path`` (YAML; None = laptop defaults) and apply ``--set`` overrides. An error names
-    where the bad value came from: the file, or the override that set it."""
+    """Load ``path`` (YAML; None = laptop defaults) and apply ``--set`` overrides. The file with
+    every override applied is what must be valid (an override may fix a file value); when it is
+    not, the error names where the bad value came from: the file, or the override that set it."""
     data: dict[str, Any] = {}
     where = "config"
     if path:
@@ -304,6 +305,13 @@ def load_config(
             raise ConfigError(f"config file not found: {path}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
+    if overrides:  # a file value that an override replaces need not be valid on its own
+        try:
+            return config_from_dict(
+                apply_overrides(data, overrides if isinstance(overrides, dict) else list(overrides))
+            )
+        except Exception:  # any error is reported, with its source, below
+            pass  # find the culprit below: the file first, then each override in turn
     cfg = config_from_dict(data, where)  # the file's own errors name the file
     labelled = (
         [(f"--set {o}", [o]) for o in overrides or []]

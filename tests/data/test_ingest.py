@@ -77,6 +77,32 @@ def test_a_second_export_into_the_same_folder_keeps_the_first_ones_account(
     assert ULCO_DOMAIN not in replaced.earlier
 
 
+def test_a_kept_sources_entries_are_matched_by_path_not_by_string_prefix(tmp_path: Path) -> None:
+    """/d/LAB is kept while /d/LAB2 is re-ingested clean: LAB2's old entries must not be carried."""
+    import shutil
+
+    from xmodal.data.synth import synthesize
+
+    synthesize(tmp_path / "syn", n_lab=10, n_sea=0, n_uto=0, seed=1, fmt="syke", image_size=16, header_px=0)
+    d, out = tmp_path / "d", tmp_path / "out"
+    shutil.copytree(tmp_path / "syn" / "LAB", d / "LAB")
+    shutil.copytree(tmp_path / "syn" / "LAB", d / "LAB2")
+    ann = d / "LAB2" / "annotations.csv"
+    clean = ann.read_text()
+    ann.write_text(clean + "images/missing.png,profiles/missing.csv,foo\n")  # one row quarantined
+    ingest(d / "LAB", out, quiet=True, workers=1)
+    ingest(d / "LAB2", out, quiet=True, workers=1)
+    assert [e["file"] for e in _log(out)] == [str(d / "LAB2" / "profiles" / "missing.csv")]
+    ann.write_text(clean)
+    report = ingest(d / "LAB2", out, quiet=True, workers=1)
+    assert "LAB" in report.earlier and report.quarantined == 0
+    assert _log(out) == []
+
+
+def _log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "quarantine.jsonl").read_text().splitlines()]
+
+
 def test_strict_fails_at_the_first_problem_and_keeps_previous_output(
     rd: SimpleNamespace, realdata: Path, tmp_path: Path
 ) -> None:

@@ -238,6 +238,27 @@ def test_trailing_separators_and_quoted_header_names_read_as_the_plain_export(
         assert row == reference[pid], pid
 
 
+def test_an_empty_last_cell_in_the_first_listmode_row_is_not_a_trailing_separator(
+    rd: SimpleNamespace, cefas_copy: Path, tmp_path: Path, cefas_ingested
+) -> None:
+    """The first particle's last value is missing (its line ends with ','): still as many fields as
+    the header, so not a separator closing every line; every particle is read, the others unchanged."""
+
+    def edit(ls: list[bytes]) -> list[bytes]:
+        ls[1] = ls[1].rsplit(b",", 1)[0] + b","
+        return ls
+
+    listmode = Path(f"{cefas_copy}_Listmode.csv")
+    rd.edit_lines(listmode, edit)
+    first = listmode.read_bytes().split(b"\r\n")[1]
+    report, rows = rd.run(cefas_copy.parent, tmp_path / "out")
+    assert (report.seen, report.ingested, report.reasons) == (817, 817, {})
+    _, reference = cefas_ingested
+    edited = f"{cefas_copy.name.replace(' ', '_')}:{int(first.split(b',', 1)[0])}"
+    assert rows.keys() == reference.keys() and edited in rows
+    assert sum(row != reference[pid] for pid, row in rows.items()) <= 1
+
+
 def test_ulco_with_a_trailing_semicolon_keeps_its_outcomes(
     rd: SimpleNamespace, realdata: Path, tmp_path: Path
 ) -> None:

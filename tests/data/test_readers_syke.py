@@ -382,3 +382,22 @@ def test_a_row_missing_only_optional_trailing_cells_is_padded(rd: SimpleNamespac
     bad = rd.quarantined(tmp_path / "out")
     assert {k: e["reason"] for k, e in bad.items()} == {"line 5": "malformed_row", "line 6": "malformed_row"}
     assert "1 fields, expected 4" in bad["line 5"]["message"] and "'profile' cell" in bad["line 5"]["message"]
+    (note,) = report.domains["LAB"].notes  # a cell left out in the middle reads the same: say so
+    assert note == (
+        f"2 row(s) of {layout / 'annotations.csv'} had fewer cells than its header (e.g. line 2); "
+        "their missing last cells (class, particle_id) were read as empty"
+    )
+    assert f"note: {note}" in report.summary()
+
+
+def test_a_row_missing_a_middle_cell_is_read_padded_and_noted(rd: SimpleNamespace, tmp_path: Path) -> None:
+    """'img,prof,ID' under image,profile,class,particle_id: the id is read as the class (it cannot be
+    told from a row whose particle id cell was dropped), and the report names the line."""
+    layout = write_layout(tmp_path / "LAB", [plain_profile()] * 2)
+    rows = ["images/0.png,profiles/0.csv,diatom,p0", "images/1.png,profiles/1.csv,p1"]
+    write_annotations(layout, "image,profile,class,particle_id", rows)
+    report, out = rd.run(layout, tmp_path / "out", crop_header_px=0)
+    assert out["LAB:images/1.png"]["label"] == "p1" and report.quarantined == 0
+    (note,) = report.domains["LAB"].notes
+    assert note.startswith("1 row(s) of ") and "(e.g. line 3)" in note
+    assert "missing last cells (particle_id) were read as empty" in note

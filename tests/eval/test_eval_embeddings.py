@@ -175,6 +175,36 @@ def test_checkpoints_are_recorded_and_compared(ev, tmp_path: Path) -> None:
         _check(tmp_path / "lab", tmp_path / "retrained")
 
 
+def test_a_shard_file_reads_its_folders_manifest_and_a_missing_hash_only_warns(
+    ev, tmp_path: Path, capsys
+) -> None:
+    """One model stored at two paths: a shard FILE of the copy is its folder's model (the folder's
+    manifest names the shard's checkpoint, with its hash). A side without a hash (an index or
+    embeddings from before hashes were recorded) and another path: cannot tell, a warning."""
+    lab, sea = ev.make_set(10, 2, seed=1, domain="LAB"), ev.make_set(10, 2, seed=2, domain="SEA")
+    write_embeddings(lab, tmp_path / "gal", checkpoint=CK1)
+    (tmp_path / "gal" / "_embed.json").write_text(json.dumps({"checkpoint": CK1, "checkpoint_sha256": "aa"}))
+    copy = "/mnt/copy/r1/checkpoint_1/checkpoint.pt"
+    shard = write_embeddings(sea, tmp_path / "qry", checkpoint=copy)
+    (tmp_path / "qry" / "_embed.json").write_text(json.dumps({"checkpoint": copy, "checkpoint_sha256": "aa"}))
+    assert shard.is_file() and embeddings_checkpoint(shard) == Checkpoint(copy, "aa")
+    _check(tmp_path / "gal", shard)
+    _check(tmp_path / "gal", tmp_path / "qry")
+    assert capsys.readouterr().err == ""
+    # a manifest naming another checkpoint than the shard's says nothing about the shard
+    (tmp_path / "qry" / "_embed.json").write_text(json.dumps({"checkpoint": CK2, "checkpoint_sha256": "aa"}))
+    assert embeddings_checkpoint(shard) == Checkpoint(copy)
+    # a hash on one side only, different paths: no error, one warning line naming both
+    _check(tmp_path / "gal", shard)
+    (warning,) = capsys.readouterr().err.splitlines()
+    assert warning.startswith("warning: cannot tell whether")
+    assert f"{tmp_path / 'gal'} (checkpoint {CK1})" in warning and f"{shard} (checkpoint {copy})" in warning
+    check_same_checkpoint("idx", Checkpoint(CK1), "q", Checkpoint(CK1, "aa"))  # same path: same file
+    assert capsys.readouterr().err == ""
+    with pytest.raises(DataError, match="not comparable"):  # hashes on both sides decide
+        check_same_checkpoint("idx", Checkpoint(CK1, "aa"), "q", Checkpoint(CK1, "bb"))
+
+
 def test_a_set_whose_shards_come_from_different_checkpoints_is_refused(ev, tmp_path: Path) -> None:
     write_embeddings(ev.make_set(10, 2, seed=1, domain="LAB"), tmp_path / "emb" / "lab", checkpoint=CK1)
     write_embeddings(ev.make_set(10, 2, seed=2, domain="SEA"), tmp_path / "emb" / "sea", checkpoint=CK2)

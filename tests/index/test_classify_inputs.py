@@ -32,15 +32,17 @@ def _sets(ix):
     return gallery, queries
 
 
-def test_gallery_and_queries_of_different_checkpoints_are_refused(ix, tmp_path) -> None:
+def test_gallery_and_queries_of_different_checkpoints_are_refused(ix, tmp_path, capsys) -> None:
     gallery, queries = _sets(ix)
     write_embeddings(gallery, tmp_path / "gallery", checkpoint=CK1)
     write_embeddings(queries, tmp_path / "q1", checkpoint=CK1)
     write_embeddings(queries, tmp_path / "q2", checkpoint=CK2)
     write_embeddings(queries, tmp_path / "q_old")  # from before checkpoints were recorded: passes
+    write_embeddings(queries, tmp_path / "q2_unhashed", checkpoint=CK2)  # no manifest: no hash
     (tmp_path / "gallery" / "_embed.json").write_text(
         json.dumps({"checkpoint": CK1, "checkpoint_sha256": "a1"})
     )
+    (tmp_path / "q2" / "_embed.json").write_text(json.dumps({"checkpoint": CK2, "checkpoint_sha256": "b2"}))
     build_index(tmp_path / "gallery", tmp_path / "idx")
     meta = json.loads((tmp_path / "idx" / "meta.json").read_text())
     assert meta["checkpoint"] == CK1 and meta["checkpoint_sha256"] == "a1"
@@ -55,6 +57,12 @@ def test_gallery_and_queries_of_different_checkpoints_are_refused(ix, tmp_path) 
     with pytest.raises(DataError, match=mixed):
         search_embeddings(tmp_path / "idx", tmp_path / "q2")
     assert sum(len(f) for f in search_embeddings(tmp_path / "idx", tmp_path / "q1", k=2)) == 36
+    # one hash known, paths differ (a run folder moved, or another checkpoint): it cannot tell, warns
+    capsys.readouterr()
+    assert classify(tmp_path / "idx", tmp_path / "q2_unhashed", tmp_path / "idx_unhashed")["particles"] == 18
+    (warning,) = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("warning:")]
+    assert f"cannot tell whether {tmp_path / 'idx'} (checkpoint {CK1})" in warning
+    assert f"{tmp_path / 'q2_unhashed'} (checkpoint {CK2})" in warning
 
 
 def _particles(folder, ids, images=True):

@@ -149,6 +149,21 @@ def test_the_same_model_or_another_initial_weights_file_resumes(tmp_path):
     check_resumable(load_config(None), "new", str(storage / "new"))  # no run yet
 
 
+def test_a_run_name_reused_with_another_optimizer_is_refused(tmp_path):
+    """sgd -> adamw on resume: the saved SGD state has no 'step' (KeyError in every worker)."""
+    storage = tmp_path / "runs"
+    folder = run_with_checkpoint(storage, "opt", ["optim.name=sgd", "optim.lr=0.01"])
+    check_resumable(load_config(None, ["optim.name=sgd", "optim.lr=0.05"]), "opt", str(storage / "opt"))
+    with pytest.raises(ConfigError) as e:
+        check_resumable(load_config(None, ["optim.name=adamw"]), "opt", str(storage / "opt"))
+    message = str(e.value)
+    assert message.startswith(
+        f"run 'opt' ({storage / 'opt'}) was trained with other model/loss/optimizer settings"
+    )
+    assert "resumes it: optim.name 'sgd' -> 'adamw'; pick another --name" in message
+    assert f"--config {folder / 'config.yaml'}" in message and "\n" not in message
+
+
 class FakeTrainer:
     """What Ray Train gave a 2-epoch DINO run without data.val when it ranked by -train_loss: its
     rising loss made epoch 1 the best."""

@@ -38,6 +38,7 @@ import pyarrow.compute as pc
 from xmodal.data.channels import ChannelMap
 from xmodal.data.quarantine import DataError, Quarantine, QuarantineEntry
 from xmodal.data.readers import DEFAULT_MAX_PIXELS, Batch, ReaderOptions, Task, detect_format, get_reader
+from xmodal.data.readers.cytoclus import IMAGES, LISTMODE, PULSES
 from xmodal.data.readers.header import detect_header, too_few_images
 from xmodal.data.readers.validate import pil_pixel_limit, set_pil_pixel_limit
 from xmodal.data.schema import ShardWriter, records_to_table
@@ -333,18 +334,31 @@ def _previous_domains(out: Path) -> dict[str, dict[str, Any]]:
     return domains
 
 
+def _of_source(file: Path, source: Path) -> bool:
+    """``file`` is ``source`` or lies under it as a path (``/d/LAB2/x`` is not under ``/d/LAB``), or
+    ``source`` is a CytoClus export prefix (``<folder>/<set>``) and ``file`` one of its
+    ``<set>_Listmode.csv``, ``<set>_Pulses.csv`` or ``<set>_Images`` (or a crop in it)."""
+    if file == source or source in file.parents:
+        return True
+    for suffix in (LISTMODE, PULSES, IMAGES):
+        part = source.with_name(source.name + suffix)
+        if file == part or part in file.parents:
+            return True
+    return False
+
+
 def _carry_log(old_log: Path, new_log: Path, kept: dict[str, dict[str, Any]]) -> None:
     """Appends the old log's entries of the kept domains (matched by their source paths) to the new."""
-    sources = tuple(str(s) for d in kept.values() for s in d.get("sources", []))
+    sources = [Path(s) for d in kept.values() for s in d.get("sources", []) if s]
     if not sources or not old_log.exists():
         return
     with old_log.open() as f, new_log.open("a") as g:
         for line in f:
             try:
                 file = str(json.loads(line).get("file", ""))
-            except ValueError:
+            except (ValueError, AttributeError):
                 continue
-            if file.startswith(sources):
+            if file and any(_of_source(Path(file), s) for s in sources):
                 g.write(line)
 
 

@@ -21,6 +21,7 @@ metadata (``CHECKPOINT_KEY``) and, with the file's SHA-256, in its manifest (``M
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -294,10 +295,15 @@ class Checkpoint:
     path: str
     sha256: str = ""
 
-    def same_as(self, other: Checkpoint) -> bool:
+    def same_as(self, other: Checkpoint) -> bool | None:
+        """Both hashes known: they decide. Else the same path is the same file; different paths
+        where only one side records a hash (e.g. an index built before hashes were recorded, run
+        folder moved since): None, it cannot tell. Neither records one: different paths differ."""
         if self.sha256 and other.sha256:
             return self.sha256 == other.sha256
-        return self.path == other.path
+        if self.path == other.path:
+            return True
+        return None if self.sha256 or other.sha256 else False
 
 
 def embeddings_checkpoint(path: str | Path) -> Checkpoint | None:
@@ -320,8 +326,12 @@ def embeddings_checkpoint(path: str | Path) -> Checkpoint | None:
             "one set must come from one model: pass a single `xmodal embed --out` folder, or embed "
             "into an empty folder with one checkpoint"
         )
-    manifest = next((root / m for m in MANIFESTS if (root / m).is_file()), None) if root.is_dir() else None
+    # a shard file: its folder's manifest, used only when it names the shard's checkpoint (below)
+    folder = root if root.is_dir() else root.parent
+    manifest = next((folder / m for m in MANIFESTS if (folder / m).is_file()), None)
     info = json.loads(manifest.read_text()) if manifest else {}
+    if not seen and folder != root:
+        return None  # a file recording none: its folder's manifest may speak of other shards
     if not seen:
         # no shard records one: outputs of older versions, where the manifest may still say
         return (
@@ -341,8 +351,20 @@ def check_same_checkpoint(
 ) -> None:
     """Refuse to search one set of embeddings (or an index) with another made by a different
     checkpoint: their vectors are not comparable, yet every search would run and return neighbours.
-    Sets without a recorded checkpoint (older outputs) pass."""
-    if first_ckpt is None or second_ckpt is None or first_ckpt.same_as(second_ckpt):
+    Sets without a recorded checkpoint (older outputs) pass; where only one side records the
+    checkpoint's hash and the paths differ, it cannot tell: a warning on stderr, no error."""
+    if first_ckpt is None or second_ckpt is None:
+        return
+    same = first_ckpt.same_as(second_ckpt)
+    if same:
+        return
+    if same is None:
+        print(
+            f"warning: cannot tell whether {first} (checkpoint {first_ckpt.path}) and {second} (checkpoint "
+            f"{second_ckpt.path}) were embedded by the same model: only one records the checkpoint's "
+            "SHA-256; make sure they were, or re-embed both with one checkpoint",
+            file=sys.stderr,
+        )
         return
     raise DataError(
         f"{first} holds embeddings of checkpoint {first_ckpt.path} but {second} of {second_ckpt.path}; "

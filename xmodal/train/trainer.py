@@ -265,8 +265,9 @@ def _flat(d: dict[str, Any], prefix: str) -> dict[str, Any]:
 
 def check_resumable(cfg: Config, name: str, run_dir: str) -> None:
     """Re-running a run's name resumes from its newest checkpoint, whose weights fit only the model
-    and loss they were trained with: another model is a one-line ConfigError naming the keys, not a
-    state-dict size mismatch in every worker, retried train.max_failures times."""
+    and loss they were trained with, and whose optimizer state only the same optimizer (optim.name):
+    another is a one-line ConfigError naming the keys, not a state-dict size mismatch (or KeyError)
+    in every worker, retried train.max_failures times."""
     fs, path = resolve(run_dir)
     infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     # Ray Train names checkpoints by their time (checkpoint_2026-11-28_18-29-19.545953): newest last
@@ -287,9 +288,15 @@ def check_resumable(cfg: Config, name: str, run_dir: str) -> None:
         for key in sorted(set(a) | set(b)):
             if key not in RESUME_FREE and a.get(key) != b.get(key):
                 diffs.append(f"{key} {a.get(key, '(unset)')!r} -> {b.get(key, '(unset)')!r}")
+    # the optimizer's other settings may change (the loop applies them), its kind may not: the saved
+    # optimizer state of one kind does not load into another (KeyError 'step' in every worker)
+    optim = old["optim"].get("name") != new["optim"].get("name")
+    if optim:
+        diffs.append(f"optim.name {old['optim'].get('name')!r} -> {new['optim'].get('name')!r}")
     if diffs:
+        settings = "model/loss/optimizer" if optim else "model/loss"
         raise ConfigError(
-            f"run '{name}' ({run_dir}) was trained with other model/loss settings and re-running its name "
+            f"run '{name}' ({run_dir}) was trained with other {settings} settings and re-running its name "
             f"resumes it: {'; '.join(diffs)}; pick another --name, or keep the run's settings "
             f"(--config {join(run_dir, Path(ckpts[-1]).name, 'config.yaml')})"
         )

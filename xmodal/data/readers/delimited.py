@@ -96,8 +96,9 @@ def decode_header(raw: bytes, where: str) -> str:
 def sniff_dialect(header: str, sample: bytes, where: str) -> Dialect:
     """Separator = the candidate that splits the header most; decimal ',' only with a non-','
     separator and a ',' somewhere in ``sample`` (data lines); ``trailing`` if the header's last
-    name is empty or the first data line ends with the separator (a separator at the end of every
-    (data) line)."""
+    name is empty, or the first data line ends with the separator AND has exactly one field more
+    than the header (a separator at the end of every data line; a line that merely ends with an
+    empty last value has as many fields as the header)."""
     counts = {s: header.count(s) for s in _SEPARATORS}
     sep = max(_SEPARATORS, key=lambda s: counts[s])
     if counts[sep] == 0:
@@ -105,7 +106,9 @@ def sniff_dialect(header: str, sample: bytes, where: str) -> Dialect:
     decimal = "," if sep != "," and b"," in sample else "."
     # some writers end only the data lines with a separator: the first data line tells
     first = sample.lstrip(b"\r\n").split(b"\n", 1)[0].decode("latin-1").strip()
-    trailing = _unquote(header.rsplit(sep, 1)[1]) == "" or first.endswith(sep)
+    trailing = _unquote(header.rsplit(sep, 1)[1]) == "" or (
+        first.endswith(sep) and len(first.split(sep)) == len(header.split(sep)) + 1
+    )
     return Dialect(sep, decimal, trailing=trailing)
 
 

@@ -114,11 +114,14 @@ def read_annotations(layout: Path, source: str) -> tuple[list[Row], list[Quarant
     bad: list[QuarantineEntry] = []
     first_line: dict[str, int] = {}
     read_as_missing: dict[str, int] = {}
+    short: list[tuple[int, int]] = []  # (line, cells) of rows padded with empty cells
     for fields in reader:
         line = reader.line_num
         if not any(f.strip() for f in fields):
             continue
         if needed <= len(fields) < len(header):  # only optional cells left off the end: empty
+            # (a cell left out in the middle cannot be told apart: the note lets the user check)
+            short.append((line, len(fields)))
             fields += [""] * (len(header) - len(fields))
         if len(fields) != len(header):
             lacking = " and ".join(repr(c) for c in ("image", "profile") if col[c] >= len(fields))
@@ -159,6 +162,12 @@ def read_annotations(layout: Path, source: str) -> tuple[list[Row], list[Quarant
         notes.append(
             f"{path}: {sum(read_as_missing.values())} class cell(s) read as unlabelled ({cells}): "
             "spreadsheets and pandas write these for a missing value"
+        )
+    if short:
+        missing_names = ", ".join(names[min(n for _, n in short) :])
+        notes.append(
+            f"{len(short)} row(s) of {path} had fewer cells than its header (e.g. line {short[0][0]}); "
+            f"their missing last cells ({missing_names}) were read as empty"
         )
     return rows, bad, notes
 

@@ -188,7 +188,7 @@ def test_without_a_validation_set_the_best_checkpoint_is_the_last(tmp_path, monk
     monkeypatch.setattr(xmodal.runtime, "init_ray", lambda *a, **k: None)
     monkeypatch.setattr(trainer, "check_resources", lambda *a, **k: None)
     monkeypatch.setattr(
-        trainer, "build_trainer", lambda cfg, name: (FakeTrainer(storage / name), str(storage))
+        trainer, "build_trainer", lambda cfg, name, **_: (FakeTrainer(storage / name), str(storage))
     )
     cfg = load_config(
         None,

@@ -38,6 +38,8 @@ SATURATION_MV = 7488.0
 LOG_NORM = math.log1p(SATURATION_MV)  # 8.9211..., the paper's normaliser
 UM_PER_SAMPLE = 0.55  # particle travel per profile sample
 SCHEMA_VERSION = "1"
+# label values that mean "no class" wherever labels are read (compared stripped, case-folded)
+UNLABELLED = frozenset({"", "unlabelled", "unlabeled"})
 
 SCHEMA = pa.schema(
     [

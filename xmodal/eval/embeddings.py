@@ -32,9 +32,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from xmodal.data.quarantine import DataError
+from xmodal.data.schema import UNLABELLED
 
 MODALITIES = ("image", "profile")
-_UNLABELLED = {"", "unlabelled", "unlabeled"}
 # Written by `xmodal embed` (xmodal.eval.embed, which imports them from here)
 CHECKPOINT_KEY = b"xmodal.checkpoint"  # Parquet metadata: the checkpoint file that made a shard
 # In the output folder: {"checkpoint": path, "checkpoint_sha256": ...}. Its name starts with "_" so
@@ -62,7 +62,7 @@ class EmbeddingSet:
         self.particle_id = np.asarray(self.particle_id, dtype=object)
         self.label = np.array(
             [
-                None if (v is None or (isinstance(v, str) and v.strip().lower() in _UNLABELLED)) else str(v)
+                None if (v is None or (isinstance(v, str) and v.strip().casefold() in UNLABELLED)) else str(v)
                 for v in self.label
             ],
             dtype=object,

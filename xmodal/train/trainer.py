@@ -23,12 +23,11 @@ import yaml
 
 from xmodal.config import Config, ConfigError, config_from_dict
 from xmodal.data.quarantine import DataError
-from xmodal.data.schema import parquet_files
+from xmodal.data.schema import UNLABELLED, parquet_files
 from xmodal.storage import durable, join, read_bytes, resolve, write_text
 from xmodal.train.checks import check_train_config
 from xmodal.train.metrics import format_duration
 
-UNLABELLED = ("", "unlabelled", "unlabeled")  # label values that mean none (xmodal/eval/embeddings.py)
 # Ray Data's read and preprocessing tasks ask for one CPU each: with less than that left beside the
 # training workers none of them is ever scheduled and the first epoch waits forever.
 DATA_CPUS = 1.0
@@ -71,7 +70,7 @@ def count_labelled(path: str) -> int:
     n = 0
     for f in parquet_files(path):
         labels = pq.read_table(f, columns=["label"]).column("label").to_pylist()
-        n += sum(v is not None and str(v).strip().lower() not in UNLABELLED for v in labels)
+        n += sum(v is not None and str(v).strip().casefold() not in UNLABELLED for v in labels)
     return n
 
 
@@ -130,9 +129,14 @@ def run_name(cfg: Config, name: str | None) -> str:
 
 
 def build_trainer(
-    cfg: Config, name: str, callbacks: list[Any] | None = None, storage_path: str | None = None
+    cfg: Config,
+    name: str,
+    callbacks: list[Any] | None = None,
+    storage_path: str | None = None,
+    n_train: int | None = None,
 ):
-    """The ``TorchTrainer`` for ``cfg`` (also used by Tune trials)."""
+    """The ``TorchTrainer`` for ``cfg`` (also used by Tune trials). ``n_train``: what
+    ``check_train_data`` returned when the caller ran the checks already (``pretrain``, before Ray)."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -141,9 +145,10 @@ def build_trainer(
     from xmodal.models.build import trained_modalities
     from xmodal.train.loop import train_loop_per_worker
 
-    check_train_config(cfg)  # before any data is read (Tune trials start here, not in pretrain)
+    if n_train is None:  # Tune trials start here, not in pretrain
+        check_train_config(cfg)  # before any data is read
+        n_train = check_train_data(cfg)
     storage = durable(storage_path or cfg.train.storage_path, "train.storage_path")
-    n_train = check_train_data(cfg)
     workers = cfg.train.num_workers
     d, n_center = cfg.data, cfg.model.center_particles
     # shipped through the object store so workers never need the driver's disk
@@ -307,13 +312,13 @@ def pretrain(cfg: Config, address: str | None = None, name: str | None = None) -
     from xmodal.runtime import init_ray
 
     check_train_config(cfg)  # before Ray starts
-    check_train_data(cfg)
+    n_train = check_train_data(cfg)
     name = run_name(cfg, name)
     check_resumable(cfg, name, join(durable(cfg.train.storage_path, "train.storage_path"), name))
     init_ray(address)
     check_resources(cfg, joined=bool(address or os.environ.get("RAY_ADDRESS")))
     t0 = time.time()
-    trainer, storage = build_trainer(cfg, name)
+    trainer, storage = build_trainer(cfg, name, n_train=n_train)
     print(
         f"[xmodal] pretraining '{name}': {cfg.model.image_encoder} + {cfg.model.profile_encoder}, "
         f"loss {cfg.loss.name}, {cfg.optim.epochs} epochs, {cfg.train.num_workers} workers -> {storage}/{name}",

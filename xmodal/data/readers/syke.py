@@ -44,11 +44,10 @@ from xmodal.data.quarantine import DataError, QuarantineEntry, Rejected
 from xmodal.data.readers.base import Batch, Item, Task, safe_name
 from xmodal.data.readers.delimited import Dialect, decode_text, parse_many, split_header
 from xmodal.data.readers.validate import ReaderOptions, check_image, check_profile, read_bytes, safe_path
-from xmodal.data.schema import CHANNELS, make_record
+from xmodal.data.schema import CHANNELS, UNLABELLED, make_record
 from xmodal.data.transforms import to_gray8
 
 ANNOTATIONS = "annotations.csv"
-UNLABELLED = {"", "unlabelled", "unlabeled"}
 # how spreadsheets and pandas write a missing value: unlabelled too, but counted in a note, since a
 # class could (rarely) be named so
 MISSING_VALUES = {"na", "n/a", "nan", "none", "null"}

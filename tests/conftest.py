@@ -1,14 +1,18 @@
-"""Shared fixtures: one local Ray cluster per test session (2 CPUs), the real-data folder, and
-process lookups for the fault-injection tests."""
+"""Shared fixtures: one local Ray cluster per test session (2 CPUs), the real-data folder,
+process lookups for the fault-injection tests, and a gloo process group of several processes."""
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import tempfile
 import time
+from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -88,6 +92,38 @@ def epoch_records(run_dir: Path) -> list[int]:
     f = Path(run_dir) / "metrics.jsonl"
     lines = f.read_text().splitlines() if f.exists() else []
     return [r["step"] for r in map(json.loads, lines) if r["kind"] == "epoch"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _gloo_rank(rank: int, world: int, port: int, fn: Callable[..., None], args: tuple) -> None:
+    import torch
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="session")
+def spawn_gloo() -> Callable[..., None]:
+    """``spawn_gloo(fn, world, *args)`` runs ``fn(rank, world, *args)`` (a module-level function) in
+    ``world`` new processes joined in one gloo process group on localhost, and waits for them."""
+    import torch.multiprocessing as mp
+
+    def run(fn: Callable[..., None], world: int, *args: Any) -> None:
+        mp.spawn(_gloo_rank, args=(world, _free_port(), fn, args), nprocs=world, join=True)
+
+    return run
 
 
 @pytest.fixture(scope="session")

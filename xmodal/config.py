@@ -115,7 +115,7 @@ class TrainConfig:
     cpus_per_worker: float = 0.5
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     compile: bool = False
-    channels_last: bool = True  # CUDA only
+    channels_last: bool = True  # NHWC image activations (CPU and CUDA)
     checkpoint_every: int = 1  # epochs
     log_every: int = 10  # steps
     max_failures: int = 2

@@ -111,11 +111,24 @@ def test_whole_map_path_only_where_the_window_covers_the_input(monkeypatch: pyte
     assert calls == [(1, 1), (1, 1), (2, 2)]
 
 
-def test_channels_last_input_gives_the_same_result() -> None:
-    x = torch.randn(2, 8, 4, 4)
-    wt = torch.randn(8, 1, 5, 5)
-    ours = depthwise_small_map(x.contiguous(memory_format=torch.channels_last), wt, None, 1, 2)
-    torch.testing.assert_close(ours, F.conv2d(x, wt, None, 1, 2, groups=8), rtol=1e-5, atol=1e-5)
+def test_channels_last_gives_the_same_values_and_gradients_and_stays_channels_last() -> None:
+    torch.manual_seed(0)
+    cl = torch.channels_last
+    x, wt, b = torch.randn(3, 8, 4, 4, dtype=torch.float64), torch.randn(8, 1, 5, 5, dtype=torch.float64), None
+    g = torch.randn(3, 8, 4, 4, dtype=torch.float64)
+
+    def ours(x, w, b):
+        return depthwise_small_map(x, w, b, 1, 2)
+
+    def ref(x, w, b):
+        return F.conv2d(x, w, b, 1, 2, groups=8)
+
+    got = _grads(ours, x.contiguous(memory_format=cl), wt, b, g.contiguous(memory_format=cl))
+    want = _grads(ref, x, wt, b, g)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e)
+    y = depthwise_small_map(x.contiguous(memory_format=cl), wt, None, 1, 2)
+    assert y.is_contiguous(memory_format=cl)  # the next layer gets the layout the model runs in
 
 
 def test_only_plain_depthwise_convs_are_switched() -> None:

@@ -3,15 +3,10 @@ process on the concatenated batch: the cross-rank gradient bug class of contrast
 
 from __future__ import annotations
 
-import os
-import socket
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -51,37 +46,24 @@ def _global_batch() -> dict[str, torch.Tensor]:
     return batch
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
-    try:
-        rows = slice(0, SPLIT) if rank == 0 else slice(SPLIT, N)
-        local = {k: v[rows] for k, v in _global_batch().items()}
-        results = {}
-        for name, buckets in CASES:
-            model = _tiny_model(name, buckets)
-            ddp = DistributedDataParallel(model)  # must outlive backward(): its reducer syncs the grads
-            loss, stats = ddp(local)
-            loss.backward()  # DDP averages the gradients over the two ranks here
-            grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-            results[f"{name}/{buckets}"] = {"loss": loss.detach(), "stats": stats, "grads": grads}
-        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _worker(rank: int, world: int, out_dir: str) -> None:
+    rows = slice(0, SPLIT) if rank == 0 else slice(SPLIT, N)
+    local = {k: v[rows] for k, v in _global_batch().items()}
+    results = {}
+    for name, buckets in CASES:
+        model = _tiny_model(name, buckets)
+        ddp = DistributedDataParallel(model)  # must outlive backward(): its reducer syncs the grads
+        loss, stats = ddp(local)
+        loss.backward()  # DDP averages the gradients over the two ranks here
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        results[f"{name}/{buckets}"] = {"loss": loss.detach(), "stats": stats, "grads": grads}
+    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+def ranks(tmp_path_factory: pytest.TempPathFactory, spawn_gloo) -> list[dict]:
     out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    spawn_gloo(_worker, 2, str(out))
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 

@@ -54,11 +54,27 @@ def _tap_index(h: int, w: int, k: int, stride: int, pad: int) -> torch.Tensor:
     return idx
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous: a channels-last gradient reaching
+    the batched matmul's backward as a strided (C, N, Ho*Wo) view sends it to a per-matrix loop
+    (~3x slower for the whole layer)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        return g.contiguous()
+
+
 def depthwise_small_map(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, pad: int
 ) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, stride, pad, groups=C)`` for a square kernel, as a batched
     per-channel matmul. Any map size is correct; it is only faster on small maps."""
+    cl = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    x = x.contiguous()
     n, c, h, w = x.shape
     k = weight.shape[-1]
     idx = _tap_index(h, w, k, stride, pad).to(x.device)
@@ -66,7 +82,10 @@ def depthwise_small_map(
     taps = torch.cat([weight.reshape(c, k * k), weight.new_zeros(c, 1)], dim=1)
     mat = taps[:, idx]  # (C, Ho*Wo, H*W)
     y = torch.matmul(x.reshape(n, c, h * w).transpose(0, 1), mat.transpose(1, 2))  # (C, N, Ho*Wo)
+    y = _ContiguousGrad.apply(y)
     y = y.transpose(0, 1).reshape(n, c, ho, wo)
+    if cl:
+        y = y.contiguous(memory_format=torch.channels_last)
     return y if bias is None else y + bias.view(1, c, 1, 1)
 
 

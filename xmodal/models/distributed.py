@@ -101,3 +101,12 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if world()[1] > 1:
         dist.all_reduce(t)
     return t
+
+
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Copy rank 0's buffers (batch-norm running statistics, ...) to every rank (no-op on one
+    process). DDP broadcasts them at the start of each forward, so after a rank's last training step
+    its running statistics are its own; work shared by the ranks must use rank 0's, the ones saved."""
+    if world()[1] > 1:
+        for buf in module.buffers():
+            dist.broadcast(buf, 0)

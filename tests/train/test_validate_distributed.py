@@ -39,7 +39,6 @@ def _model() -> torch.nn.Module:
 
 
 def _run(model: torch.nn.Module, sample: dict, val: dict) -> dict:
-    V.VAL_CHUNK = CHUNK
     embedded = []
     embed = model.embed
     model.embed = lambda batch: embedded.append(len(batch["has_image"])) or embed(batch)
@@ -50,6 +49,7 @@ def _run(model: torch.nn.Module, sample: dict, val: dict) -> dict:
 
 
 def _worker(rank: int, world: int, work: str) -> None:
+    V.VAL_CHUNK = CHUNK  # a process of its own
     sample, val = pickle.loads((Path(work) / "data.pkl").read_bytes())
     model = _model()
     if rank == 1:  # drifted statistics: the shared embedding must use rank 0's
@@ -68,7 +68,9 @@ def results(tmp_path_factory, spawn_gloo) -> tuple[dict, list[dict]]:
     n = len(val["has_image"])
     sample = {k: v[: n - 4] for k, v in val.items()}  # an uneven split between the ranks
     (root / "data.pkl").write_bytes(pickle.dumps((sample, val)))
-    one = _run(_model(), sample, val)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(V, "VAL_CHUNK", CHUNK)
+        one = _run(_model(), sample, val)
     spawn_gloo(_worker, 2, str(root))
     return one, [torch.load(root / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
 

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pyarrow.parquet as pq
 import pytest
 
-from xmodal.data import ingest as ingest_module
+from xmodal.data import runner as runner_module
 from xmodal.data.ingest import ingest
 from xmodal.data.quarantine import DataError
 from xmodal.data.readers import detect_format
@@ -130,7 +130,8 @@ def test_process_pool_gives_the_in_process_result(
 ) -> None:
     src = rd.cefas_prefix(realdata).parent
     serial = ingest(src, tmp_path / "serial", quiet=True, workers=1)
-    monkeypatch.setattr(ingest_module, "PARALLEL_MIN_PARTICLES", 0)
+    monkeypatch.setattr(runner_module, "PARALLEL_MIN_PARTICLES", 0)
+    monkeypatch.setattr(runner_module, "MEASURE_TASKS", 0)  # the pool from the first task
     pooled = ingest(src, tmp_path / "pool", quiet=True, workers=2)
     assert pooled.to_dict()["domains"][CEFAS_DOMAIN]["ingested"] == serial.ingested == 817
     a = pq.read_table(tmp_path / "serial" / CEFAS_DOMAIN)

@@ -2,8 +2,8 @@
 
 Each source found under SRC (a SYKE layout, a CytoClus export, a cyz2json file) goes to
 ``OUT/<domain>`` (the source's name, or ``domain`` for all of them). Readers cut the work into tasks
-that run in a process pool (after the first few, so small inputs do not pay for worker start-up);
-results are consumed in order, so output is deterministic. A domain's shards are written to a
+that run in-process or, where the tasks outweigh the main process's share, in a process pool
+(``runner.py``); results are consumed in order, so output is deterministic. A domain's shards are written to a
 temporary folder and replace the old ``part-*.parquet`` files only once the domain is complete, so a
 re-run gives the same output, never duplicates, and a failed run leaves the previous data intact.
 
@@ -24,29 +24,24 @@ import re
 import shutil
 import sys
 import time
-from collections import deque
-from collections.abc import Iterator, Mapping
-from concurrent.futures import Future, ProcessPoolExecutor
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 import pyarrow.compute as pc
 
 from xmodal.data.channels import ChannelMap
 from xmodal.data.quarantine import DataError, Quarantine, QuarantineEntry
-from xmodal.data.readers import DEFAULT_MAX_PIXELS, Batch, ReaderOptions, Task, detect_format, get_reader
+from xmodal.data.readers import DEFAULT_MAX_PIXELS, ReaderOptions, detect_format, get_reader
 from xmodal.data.readers.cytoclus import IMAGES, LISTMODE, PULSES
 from xmodal.data.readers.header import detect_header, too_few_images
-from xmodal.data.readers.validate import pil_pixel_limit, set_pil_pixel_limit
-from xmodal.data.schema import ShardWriter, records_to_table
+from xmodal.data.readers.validate import pil_pixel_limit
+from xmodal.data.runner import OrderedRunner
+from xmodal.data.schema import ShardWriter
 
 REPORT_NAME = "ingest_report.json"
 QUARANTINE_NAME = "quarantine.jsonl"
-PARALLEL_MIN_PARTICLES = 2000  # smaller inputs run in-process: a pool costs 1-2 s to start
-SERIAL_TASKS = 8  # when the size is unknown (cyz2json), tasks run in-process before the pool starts
 PROGRESS_EVERY_S = 2.0
 _DOMAIN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
@@ -66,6 +61,7 @@ class DomainReport:
     channels: list[dict[str, Any]] = field(default_factory=list)  # distinct mappings, with an example file
     crop_header_px: dict[str, int] = field(default_factory=dict)  # source -> rows cut off each image's top
     notes: list[str] = field(default_factory=list)  # the readers' notes on how files were read
+    runner: str = ""  # where the tasks ran: "in-process" or "pool" (runner.py says how it chooses)
 
 
 @dataclass
@@ -125,81 +121,6 @@ class IngestReport:
         return "\n".join(lines)
 
 
-Result = tuple[
-    pa.Table | None, list[QuarantineEntry], int, dict[str, Any], list[str]
-]  # records, entries, seen, channels, notes
-
-
-def _run_task(task: Task) -> Result:
-    """Runs in a worker: the reader's task, then records -> one Arrow table (cheap to send back)."""
-    batch = task()
-    return _split(batch)
-
-
-def _split(batch: Batch) -> Result:
-    records = [x for x in batch.items if not isinstance(x, QuarantineEntry)]
-    entries = [x for x in batch.items if isinstance(x, QuarantineEntry)]
-    table = records_to_table(records) if records else None
-    return table, entries, batch.seen, batch.channels, batch.notes
-
-
-def _done(value: Any) -> Future:
-    f: Future = Future()
-    f.set_result(value)
-    return f
-
-
-class _OrderedRunner:
-    """Runs tasks in-process, then (for larger inputs) in a process pool; yields results in order."""
-
-    def __init__(self, workers: int, max_pixels: int):
-        self.workers = workers
-        self.max_pixels = max_pixels
-        self.pool: ProcessPoolExecutor | None = None
-        self.tasks = 0
-        self.serial_tasks = SERIAL_TASKS
-
-    def expect(self, particles: int | None) -> None:
-        """Size of the coming work: small inputs stay in-process, large ones use the pool at once."""
-        if particles is None:
-            self.serial_tasks = max(self.serial_tasks, self.tasks + SERIAL_TASKS)
-        else:
-            self.serial_tasks = 2**62 if particles < PARALLEL_MIN_PARTICLES else 0
-
-    def _submit(self, work: Batch | Task) -> Future:
-        if isinstance(work, Batch):
-            return _done(_split(work))
-        self.tasks += 1
-        if self.workers <= 1 or self.tasks <= self.serial_tasks:
-            return _done(_run_task(work))
-        if self.pool is None:
-            # forkserver, not fork: forking a parent whose pyarrow threads may hold locks can deadlock
-            # the child. Preloading the readers in the server halves the workers' start-up.
-            ctx = get_context("forkserver")
-            ctx.set_forkserver_preload(["xmodal.data.readers"])
-            self.pool = ProcessPoolExecutor(
-                self.workers,
-                mp_context=ctx,
-                initializer=set_pil_pixel_limit,
-                initargs=(self.max_pixels,),
-            )
-        return self.pool.submit(_run_task, work)
-
-    def run(self, work: Iterator[Batch | Task]) -> Iterator[Result]:
-        pending: deque[Future] = deque()
-        for w in work:
-            pending.append(self._submit(w))
-            while pending and (len(pending) > 2 * self.workers or pending[0].done()):
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(cancel_futures=True)
-            self.pool = None
-
-
 class _Progress:
     def __init__(self, domain: str, expected: int | None, quiet: bool):
         self.domain, self.expected, self.quiet = domain, expected, quiet
@@ -252,7 +173,7 @@ def _ingest_domain(
     opts: ReaderOptions,
     out: Path,
     quarantine: Quarantine,
-    runner: _OrderedRunner,
+    runner: OrderedRunner,
     max_shard_bytes: int,
     quiet: bool,
     auto_header: bool = False,
@@ -306,6 +227,7 @@ def _ingest_domain(
             f"internal error in the {reader.__name__} reader: domain {name} saw {report.seen} particles but "
             f"ingested {report.ingested} (written {writer.rows}) + quarantined {report.quarantined}"
         )
+    report.runner = runner.mode if runner.mode != "measuring" else "in-process"  # too few tasks to choose
     report.profile_only = report.ingested - report.with_image
     report.unlabelled = report.ingested - report.labelled
     report.channels = list(mappings.values())
@@ -443,7 +365,7 @@ def ingest(
     report.earlier = {
         n: d for n, d in previous.items() if n not in by_domain and any((out / n).glob("part-*.parquet"))
     }
-    runner = _OrderedRunner(workers if workers is not None else min(2, os.cpu_count() or 1), max_pixels)
+    runner = OrderedRunner(workers if workers is not None else min(2, os.cpu_count() or 1), max_pixels)
     log = out / f".{QUARANTINE_NAME}.tmp"  # replaces the old log only when the run succeeds
     try:
         with Quarantine(log, strict=strict) as quarantine, pil_pixel_limit(max_pixels):

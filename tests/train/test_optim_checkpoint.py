@@ -9,7 +9,7 @@ import torch
 from xmodal.config import Config, OptimConfig, config_from_dict
 from xmodal.data.quarantine import DataError
 from xmodal.train.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
-from xmodal.train.optim import build_optimizer, build_scheduler, warmup_cosine
+from xmodal.train.optim import build_optimizer, build_scheduler, resume_optimizer, warmup_cosine
 
 
 def test_warmup_cosine_shape():
@@ -77,6 +77,49 @@ def test_fused_optimizer_follows_the_reference_update_and_resumes_from_unfused_s
     _train(ref, ref_groups, range(5, 8))
     for a, b in zip(*[[p for g in gs for p in g["params"]] for gs in (resumed_groups, ref_groups)]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+@pytest.mark.parametrize("saved_nhwc", [False, True], ids=["nchw-to-nhwc", "nhwc-to-nchw"])
+def test_a_resume_in_the_other_memory_layout_continues_the_run_exactly(name, saved_nhwc):
+    """``train.channels_last`` changed between a checkpoint and its resume (CPU runs trained NCHW
+    before 2026-11-28): torch's fused kernels update wrongly when moments and parameters differ in
+    layout, so ``resume_optimizer`` lays the moments out like their parameters."""
+    cfg = OptimConfig(name=name, lr=0.05, epochs=2, warmup_epochs=0)
+    state_cfg = config_from_dict({"optim": {"name": name, "lr": 0.05, "epochs": 2, "warmup_epochs": 0}})
+    layouts = {False: torch.contiguous_format, True: torch.channels_last}
+
+    def model(nhwc: bool) -> list[dict]:
+        torch.manual_seed(0)
+        conv = torch.nn.Conv2d(3, 8, 3).to(memory_format=layouts[nhwc])
+        return [{"params": [conv.weight], "weight_decay": 0.01}, {"params": [conv.bias], "weight_decay": 0.0}]
+
+    def run(groups: list[dict], steps: range, opt=None, sched=None):
+        opt = opt or build_optimizer(groups, cfg)
+        sched = sched or build_scheduler(opt, cfg, 4)
+        for step in steps:
+            g = torch.Generator().manual_seed(step)
+            for group in groups:
+                for p in group["params"]:
+                    p.grad = torch.empty_like(p).copy_(torch.randn(p.shape, generator=g))  # in p's layout
+            opt.step()
+            sched.step()
+        return opt, sched
+
+    ref_groups = model(saved_nhwc)
+    opt, sched = run(ref_groups, range(3))
+    state = copy.deepcopy({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "config": state_cfg})
+    resumed_groups = model(not saved_nhwc)
+    with torch.no_grad():
+        for a, b in zip(resumed_groups, ref_groups):
+            a["params"][0].copy_(b["params"][0])
+    resumed = build_optimizer(resumed_groups, cfg)
+    resumed_sched = build_scheduler(resumed, cfg, 4)
+    resume_optimizer(resumed, resumed_sched, state, cfg)
+    run(resumed_groups, range(3, 6), resumed, resumed_sched)
+    run(ref_groups, range(3, 6), opt, sched)
+    for a, b in zip(resumed_groups, ref_groups):
+        torch.testing.assert_close(a["params"][0], b["params"][0], rtol=1e-6, atol=1e-7)
 
 
 def test_unknown_optimizer_is_a_clear_error():

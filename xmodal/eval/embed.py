@@ -75,7 +75,7 @@ def model_from_state(state: dict[str, Any], device: torch.device) -> torch.nn.Mo
     if device.type == "cpu":
         # oneDNN runs NHWC convolutions without NCHW's layout reorders around every layer: embedding
         # 1.26x (resnet10t, 32 px) to 1.43x (efficientnet_b0, 64 px) faster here, values equal to
-        # ~1e-7 (bench/RESULTS.md, archive scale). Training keeps NCHW, where it measured mixed.
+        # ~1e-7 (bench/RESULTS.md, archive scale). Training runs NHWC too (train.channels_last).
         module = module.to(memory_format=torch.channels_last)
     return module
 

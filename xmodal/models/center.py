@@ -6,7 +6,7 @@ Why: unit embeddings of a briefly trained model share a large common component, 
 then ranks mostly by it. Subtracting the mean is SimpleShot's centred L2 normalisation (Wang et
 al. 2019); per modality it also narrows the gap between image and profile embeddings that the
 cross-modal combinations (I-P, P-I, and the joint I+P gallery) search across. The training loop
-measures the mean on rank 0 before each validation, so the validation score that keeps the best
+measures the mean before each validation (every rank embeds a share of the sample), so the validation score that keeps the best
 checkpoint already sees centred embeddings (``xmodal.train.validate.update_center``). Measured on
 two synthetic generators: bench/RESULTS.md, "Embedding centring".
 

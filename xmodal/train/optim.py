@@ -62,6 +62,13 @@ def resume_optimizer(
     keep = ("initial_lr", "weight_decay", "momentum", "nesterov")
     fresh = [{k: g[k] for k in keep if k in g} for g in opt.param_groups]
     opt.load_state_dict(state["optimizer"])
+    # Moments keep the memory layout they were saved in; torch's fused CPU kernels then update the
+    # parameters wrongly (all of them, not only the mismatched ones) when a parameter's layout
+    # differs: a checkpoint from NCHW training resumed in NHWC (train.channels_last) or back.
+    for p, st in opt.state.items():
+        for k, v in st.items():
+            if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                st[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
     scheduler.load_state_dict(state["scheduler"])
     for group, values, schedule in zip(opt.param_groups, fresh, scheduler.lr_lambdas):
         group.update(values)

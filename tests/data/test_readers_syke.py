@@ -200,6 +200,9 @@ def test_cp1252_annotations_keep_their_labels_apart_and_are_noted(
         "FWS (mV),SWS [mV],FL Yellow (mV),FL Orange(mV),FL Red [a.u.],Curvature (-)\n10,20,3,4,50,0.1\n"
         "30,40,5,6,70,-0.2\n",
         "FWS,SWS,FL Yellow,FL Orange,FL Red,Curvature\n10,20,3,4,50,0.1,\n30,40,5,6,70,-0.2,\n",
+        "FWS,SWS,FL Yellow,FL Orange,FL Red,Curvature\nmV,mV,mV,mV,mV,a.u.\n10,20,3,4,50,0.1\n30,40,5,6,70,-0.2\n",
+        "FWS;SWS;FL Yellow;FL Orange;FL Red;Curvature\r\n(mV);[mV];(mV);(mV);(mV);\r\n10;20;3;4;50;0,1\r\n"
+        "30;40;5;6;70;-0,2\r\n",
     ],
     ids=[
         "trailing-comma",
@@ -209,6 +212,8 @@ def test_cp1252_annotations_keep_their_labels_apart_and_are_noted(
         "np-savetxt",
         "units",
         "trailing-comma-on-data-lines-only",
+        "units-line",
+        "units-line-bracketed-semicolon",
     ],
 )
 def test_profile_csv_variants_read_the_same_values(rd: SimpleNamespace, tmp_path: Path, text: str) -> None:
@@ -216,6 +221,32 @@ def test_profile_csv_variants_read_the_same_values(rd: SimpleNamespace, tmp_path
     report, rows = rd.run(layout, tmp_path / "out", crop_header_px=0)
     assert report.quarantined == 0
     np.testing.assert_array_equal(rd.profile(rows["LAB:images/0.png"]), VALUES.T.astype(np.float32))
+
+
+def test_a_units_line_is_noted_once_and_other_units_or_bad_lines_are_named(
+    rd: SimpleNamespace, tmp_path: Path
+) -> None:
+    head = CHANNEL_HEADER + "\n"
+    mv = head + "mV,mV,mV,mV,mV,a.u.\n" + plain_profile().decode().split("\n", 1)[1]
+    volts = head + "V,V,V,V,V,a.u.\n10,20,3,4,50,0.1\n"
+    bad_line = head + "mV,mV,mV,mV,mV,a.u.\n10,20,3,4,50,0.1\n10,20,x,4,50,0.1\n"
+    missing = head + "NA,NA,NA,NA,NA,NA\n10,20,3,4,50,0.1\n"  # missing values, not units
+    layout = write_layout(tmp_path / "LAB", [t.encode() for t in (mv, mv, volts, bad_line, missing)])
+    report, rows = rd.run(layout, tmp_path / "out", crop_header_px=0)
+    for i in (0, 1):
+        np.testing.assert_array_equal(rd.profile(rows[f"LAB:images/{i}.png"]), VALUES.T.astype(np.float32))
+    units_notes = [n for n in report.domains["LAB"].notes if "line of units" in n]
+    assert units_notes == [
+        "LAB: profile files have a line of units under the header (mV, mV, mV, mV, mV, a.u.); "
+        "it was skipped and the values read as mV"
+    ]
+    entries = rd.quarantined(tmp_path / "out")
+    assert (
+        "line 2 gives the units ['V', 'V', 'V', 'V', 'V', 'a.u.']" in entries["LAB:images/2.png"]["message"]
+    )
+    assert entries["LAB:images/3.png"]["message"].startswith("line 4: ")  # numbered as in the file
+    assert entries["LAB:images/4.png"]["message"].startswith("line 2: ")
+    assert report.quarantined == 3
 
 
 @pytest.mark.parametrize("fill_missing", [False, True])
@@ -239,7 +270,9 @@ def test_source_name_of_dot_and_of_a_folder_with_a_space(
     report, rows = rd.run(Path("."), tmp_path / "out", crop_header_px=0)
     assert list(report.domains) == ["LAB_2024"] and list(rows) == ["LAB_2024:images/0.png"]
     assert rows["LAB_2024:images/0.png"]["source"] == "LAB_2024"
-    report, rows = rd.run(write_layout(tmp_path / "Utö", [plain_profile()]), tmp_path / "out2", crop_header_px=0)
+    report, rows = rd.run(
+        write_layout(tmp_path / "Utö", [plain_profile()]), tmp_path / "out2", crop_header_px=0
+    )
     assert list(report.domains) == ["Uto"] and list(rows) == ["Uto:images/0.png"]  # the SYKE station
 
 
@@ -263,7 +296,9 @@ def test_a_profile_lacking_a_channel_stops_the_ingest_naming_file_and_channel(
     other readers: an error, not every particle quarantined."""
     no_red = CHANNEL_HEADER.replace(",FL Red", "") + "\n10,20,3,4,0.1\n"
     layout = write_layout(tmp_path / "LAB", [plain_profile(), no_red.encode()])
-    with pytest.raises(DataError, match=r"profiles/1\.csv: .*no column for canonical channel\(s\) \['FL Red'\]"):
+    with pytest.raises(
+        DataError, match=r"profiles/1\.csv: .*no column for canonical channel\(s\) \['FL Red'\]"
+    ):
         rd.run(layout, tmp_path / "out", crop_header_px=0)
     report, rows = rd.run(layout, tmp_path / "out2", crop_header_px=0, fill_missing=True)
     assert (report.ingested, report.quarantined) == (2, 0)
@@ -293,7 +328,9 @@ def test_numbered_columns_in_every_profile_say_how_to_map_them(rd: SimpleNamespa
     assert entry["file"].endswith("profiles/1.csv") and "--channel-map" in entry["message"]
     (note,) = report.domains["LAB"].notes
     assert (
-        "none of its 3 particle(s)" in note and "--channel-map" in note and f"note: {note}" in report.summary()
+        "none of its 3 particle(s)" in note
+        and "--channel-map" in note
+        and f"note: {note}" in report.summary()
     )
     saved = json.loads((tmp_path / "out" / "ingest_report.json").read_text())
     assert saved["domains"]["LAB"]["notes"] == [note]

@@ -208,7 +208,7 @@ def _ingest_domain(
                     report.with_image += int(pc.sum(table["has_image"]).as_py() or 0)
                     report.labelled += table.num_rows - table["label"].null_count
                 report.seen += seen
-                report.notes.extend(notes)
+                report.notes.extend(n for n in notes if n not in report.notes)  # once, not per task
                 report.quarantined += len(entries)
                 for file, mapping in channels.items():
                     mappings.setdefault(

@@ -17,6 +17,7 @@ decimal string to the nearest double).
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -129,15 +130,47 @@ def header_names(header: str, dialect: Dialect) -> list[str]:
     return names[:-1] if dialect.trailing and names[-1] == "" else names
 
 
-def split_header(data: bytes, where: str) -> tuple[list[str], Dialect, bytes]:
-    """Whole small file -> (column names, dialect, body bytes after the header line).
-    CR-only line endings are read as line ends (the file is in memory anyway)."""
+# A line of units under the header: short words or marks, optionally bracketed ("mV", "(mV)", "[a.u.]")
+_UNIT = re.compile(r"^[(\[]?\s*[A-Za-z\u00b5\u03bc%./-]{0,8}\s*[)\]]?$")
+MV_UNITS = frozenset({"mv", "a.u.", "a.u", "au", "arb.", "arb", "-", ""})  # mV, or marked unitless
+_MISSING = frozenset({"na", "n/a", "nan", "null", "none"})  # missing values, not units
+
+
+def units_row(line: str, dialect: Dialect, ncols: int) -> list[str] | None:
+    """The units of a line that holds one per column and no number (``mV,mV,...,a.u.``), else None."""
+    fields = [_unquote(f) for f in line.strip().split(dialect.sep)]
+    if dialect.trailing and len(fields) == ncols + 1 and fields[-1] == "":
+        fields.pop()
+    if len(fields) != ncols or not any(fields):
+        return None
+    for f in fields:
+        if f and (f.lower() in _MISSING or _is_number(f, dialect.decimal) or not _UNIT.match(f)):
+            return None
+    return fields
+
+
+def split_header(data: bytes, where: str) -> tuple[list[str], Dialect, bytes, tuple[str, ...]]:
+    """Whole small file -> (column names, dialect, body bytes, units of a units line skipped after
+    the header: empty when there is none).
+    A second header line of units is skipped when every unit is mV or a unitless mark (the values
+    are read as mV); other units are a ``DataError``. CR-only line endings are read as line ends
+    (the file is in memory anyway)."""
     if b"\n" not in data:
         data = data.replace(b"\r", b"\n")
     head, _, body = data.partition(b"\n")
     header = decode_header(head, where)
     dialect = sniff_dialect(header, body, where)
-    return header_names(header, dialect), dialect, body
+    names = header_names(header, dialect)
+    first, _, rest = body.partition(b"\n")
+    units = units_row(first.decode("latin-1"), dialect, len(names))
+    if units is None:
+        return names, dialect, body, ()
+    if any(u.strip("()[] ").lower() not in MV_UNITS for u in units):
+        raise DataError(
+            f"line 2 gives the units {units}: profiles are read in mV; convert the values to mV "
+            "(or drop that line if they are mV already)"
+        )
+    return names, dialect, rest, tuple(units)
 
 
 def _line_count(body: bytes) -> int:

@@ -4,7 +4,8 @@ relative to the folder, ``/`` or Windows ``\\`` separators; ``;`` or tab separat
 ``_name`` suffix (``class_name``, ``taxon name``), are accepted; header names compare case- and
 space-insensitively; UTF-8, or cp1252 as Excel on Windows saves it, which the report notes),
 ``images/``, ``profiles/`` (one CSV per particle: a header naming the channels, then L rows x C
-columns in mV). The source name is the layout folder's name (``xmodal ingest .`` inside it too),
+columns in mV; a second header line of units, ``mV`` or unitless marks, is skipped and noted, other
+units are quarantined). The source name is the layout folder's name (``xmodal ingest .`` inside it too),
 runs of characters other than letters, digits, ``_ . -`` replaced by ``_``.
 
 Labels: an empty class cell, ``unlabelled`` and the missing-value markers of spreadsheets and pandas
@@ -221,13 +222,14 @@ def read_rows(root: str, source: str, domain: str, rows: list[Row], opts: Reader
         except Rejected as r:
             profiles.pop(i, None)
             out[i] = _entry(r.reason, file, f"{source}:{row.pid}", r.message)
-    parsed, channels = _parse_profiles(profiles, source, rows, opts, out)
+    parsed, channels, notes = _parse_profiles(profiles, source, rows, opts, out)
     for i, row in enumerate(rows):
         if out[i] is None:
             image, hw = images[i] or (None, None)
             profile, mask = parsed.get(i, (None, None))
             out[i] = make_record(f"{source}:{row.pid}", source, domain, row.label, image, hw, profile, mask)
-    return Batch(seen=len(rows), items=[item for item in out if item is not None], channels=channels)
+    items = [item for item in out if item is not None]
+    return Batch(seen=len(rows), items=items, channels=channels, notes=notes)
 
 
 def _parse_profiles(
@@ -236,19 +238,26 @@ def _parse_profiles(
     rows: list[Row],
     opts: ReaderOptions,
     out: list[Item | None],
-) -> tuple[dict[int, tuple], dict[str, dict]]:
+) -> tuple[dict[int, tuple], dict[str, dict], list[str]]:
     """Parse profile files grouped by header (one pyarrow call per group); failures go into ``out``."""
-    groups: dict[tuple[bytes, Dialect], list[tuple[int, bytes]]] = {}
-    names: dict[tuple[bytes, Dialect], list[str]] = {}
+    groups: dict[tuple[bytes, Dialect, tuple[str, ...]], list[tuple[int, bytes]]] = {}
+    names: dict[tuple[bytes, Dialect, tuple[str, ...]], list[str]] = {}
+    notes: list[str] = []
     for i, (path, data) in profiles.items():
         head = data.split(b"\n", 1)[0]
         try:
-            cols, dialect, body = split_header(data, path)
+            cols, dialect, body, units = split_header(data, path)
         except DataError as e:
-            out[i] = _entry("malformed_row", path, f"{source}:{rows[i].pid}", f"line 1: {e}")
+            message = str(e) if str(e).startswith("line ") else f"line 1: {e}"
+            out[i] = _entry("malformed_row", path, f"{source}:{rows[i].pid}", message)
             continue
-        groups.setdefault((head, dialect), []).append((i, body))
-        names[(head, dialect)] = cols
+        if units and (head, dialect, units) not in groups:
+            notes.append(
+                f"{source}: profile files have a line of units under the header ({', '.join(units)}); "
+                "it was skipped and the values read as mV"
+            )
+        groups.setdefault((head, dialect, units), []).append((i, body))
+        names[(head, dialect, units)] = cols
     parsed: dict[int, tuple] = {}
     channels: dict[str, dict] = {}
     for key, members in groups.items():
@@ -262,7 +271,8 @@ def _parse_profiles(
         except DataError as e:  # channels to map or zero-fill: the user decides, for every file alike
             raise DataError(f"{first_path}: {e}") from None
         channels[first_path] = plan.describe()
-        for (i, _), parsed_rows in zip(members, parse_many([b for _, b in members], len(names[key]), key[1])):
+        bodies = [b for _, b in members]
+        for (i, _), parsed_rows in zip(members, parse_many(bodies, len(names[key]), key[1], 3 if key[2] else 2)):
             path, pid = profiles[i][0], f"{source}:{rows[i].pid}"
             if parsed_rows.bad:
                 b = parsed_rows.bad[0]
@@ -277,7 +287,7 @@ def _parse_profiles(
                     out[i] = _entry(r.reason, path, pid, r.message)
                     continue
                 parsed[i] = (profile, plan.mask)
-    return parsed, channels
+    return parsed, channels, notes
 
 
 def _entry(reason: str, file: str | Path, item: str, message: str) -> QuarantineEntry:

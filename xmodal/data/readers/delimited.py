@@ -153,13 +153,17 @@ def split_header(data: bytes, where: str) -> tuple[list[str], Dialect, bytes, tu
     """Whole small file -> (column names, dialect, body bytes, units of a units line skipped after
     the header: empty when there is none).
     A second header line of units is skipped when every unit is mV or a unitless mark (the values
-    are read as mV); other units are a ``DataError``. CR-only line endings are read as line ends
+    are read as mV); other units are a ``DataError``, as is a header that cannot be read (each
+    message starts with the line it concerns). CR-only line endings are read as line ends
     (the file is in memory anyway)."""
     if b"\n" not in data:
         data = data.replace(b"\r", b"\n")
     head, _, body = data.partition(b"\n")
-    header = decode_header(head, where)
-    dialect = sniff_dialect(header, body, where)
+    try:
+        header = decode_header(head, where)
+        dialect = sniff_dialect(header, body, where)
+    except DataError as e:
+        raise DataError(f"line 1: {e}") from None
     names = header_names(header, dialect)
     first, _, rest = body.partition(b"\n")
     units = units_row(first.decode("latin-1"), dialect, len(names))

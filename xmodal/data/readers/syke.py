@@ -248,8 +248,7 @@ def _parse_profiles(
         try:
             cols, dialect, body, units = split_header(data, path)
         except DataError as e:
-            message = str(e) if str(e).startswith("line ") else f"line 1: {e}"
-            out[i] = _entry("malformed_row", path, f"{source}:{rows[i].pid}", message)
+            out[i] = _entry("malformed_row", path, f"{source}:{rows[i].pid}", str(e))
             continue
         if units and (head, dialect, units) not in groups:
             notes.append(
